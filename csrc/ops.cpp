@@ -1,0 +1,28 @@
+// The schemas of every dfkd_fast operator, in one place, and the Python module dfkd_fast._C.
+// Kernels register their implementations per device in cpu/ and cuda/; fake (meta) and autograd
+// implementations are registered from Python (dfkd_fast/ops/).
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(dfkd_fast, m) {
+  // z = mu + exp(0.5 * logvar) * eps, eps ~ N(0, I) from Philox4x32-10 keyed by one draw from
+  // `generator`; z has shape (num_samples, *mu.shape). kl (float32, shape mu.shape[:-1]) is
+  // -0.5 * sum(1 + logvar - mu^2 - exp(logvar)) over the last dimension.
+  m.def(
+      "reparameterize(Tensor mu, Tensor logvar, int num_samples=1, Generator? generator=None)"
+      " -> (Tensor z, Tensor kl)",
+      {at::Tag::nondeterministic_seeded, at::Tag::pt2_compliant_tag});
+  // Gradients of reparameterize from its outputs: d z / d logvar = 0.5 (z - mu), no stored noise.
+  m.def(
+      "reparameterize_backward(Tensor? grad_z, Tensor? grad_kl, Tensor z, Tensor mu,"
+      " Tensor logvar) -> (Tensor grad_mu, Tensor grad_logvar)",
+      {at::Tag::pt2_compliant_tag});
+}
+
+extern "C" {
+// An empty module: importing dfkd_fast._C loads this library, which registers the operators.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}

@@ -1,0 +1,23 @@
+"""dfkd_fast: compress a trained classifier into a smaller one without its training data, fast.
+
+Importing the package loads the compiled extension (if built) and registers its operators; it
+initialises no CUDA context and compiles nothing.
+"""
+
+from dfkd_fast._extension import extension_loaded, extension_status
+from dfkd_fast.backend import Backend, Implementation, choose_implementation, use_backend
+from dfkd_fast.ops import reparameterize, reparameterize_reference, sample_prior
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backend",
+    "Implementation",
+    "choose_implementation",
+    "extension_loaded",
+    "extension_status",
+    "reparameterize",
+    "reparameterize_reference",
+    "sample_prior",
+    "use_backend",
+]

@@ -1,0 +1,48 @@
+"""Loads the compiled extension ``dfkd_fast._C`` once, at import, without touching CUDA.
+
+Loading the library registers the operators under ``torch.ops.dfkd_fast``. When it is missing or
+was built for another torch, the package still imports and every op falls back to its pure-PyTorch
+reference; ``extension_status()`` says why.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+REBUILD_HINT = (
+    "reinstall dfkd-fast against the installed torch: "
+    "pip install --no-build-isolation --force-reinstall --no-deps ."
+)
+
+
+def _load() -> ImportError | OSError | None:
+    try:
+        importlib.import_module("dfkd_fast._C")
+    except (ImportError, OSError) as error:
+        return error
+    return None
+
+
+_LOAD_ERROR = _load()
+
+
+def extension_loaded() -> bool:
+    return _LOAD_ERROR is None
+
+
+def extension_status() -> str:
+    if _LOAD_ERROR is None:
+        return "dfkd_fast._C loaded"
+    return f"dfkd_fast._C could not be loaded ({_LOAD_ERROR}); {REBUILD_HINT}"
+
+
+def has_kernel(op_name: str, device_type: str) -> bool:
+    """Whether the extension registered a kernel of ``dfkd_fast::<op_name>`` for this device."""
+    if _LOAD_ERROR is not None:
+        return False
+    dispatch_key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    if dispatch_key is None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"dfkd_fast::{op_name}", dispatch_key)
