@@ -43,6 +43,6 @@ def has_kernel(op_name: str, device_type: str) -> bool:
     if _LOAD_ERROR is not None:
         return False
     dispatch_key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    if dispatch_key is None:
+    if dispatch_key is None or not hasattr(torch.ops.dfkd_fast, op_name):
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"dfkd_fast::{op_name}", dispatch_key)

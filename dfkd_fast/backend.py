@@ -82,7 +82,18 @@ def requested_backend() -> Backend:
     return parse_backend(os.environ.get(BACKEND_ENV_VAR, Backend.AUTO.value), BACKEND_ENV_VAR)
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    """What ``torch.compiler.assume_constant_result`` does, without importing torch._dynamo.
+
+    The public decorator imports torch._dynamo (and Triton with it, ~1.4 s) only to set this
+    marker; importing dfkd_fast must stay cheap. tests/test_reparameterize.py compiles a call
+    with fullgraph=True, which fails if the marker stops working.
+    """
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def _choose(op_name: str, kind: str, device_type: str, dtype: torch.dtype) -> str:
     if requested_backend() is Backend.REFERENCE or dtype not in KERNEL_DTYPES:
         return Implementation.REFERENCE.value

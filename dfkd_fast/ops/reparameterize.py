@@ -87,9 +87,10 @@ def _box_muller(radius_word: torch.Tensor, angle_word: torch.Tensor) -> tuple[to
 
 
 def philox_normals_reference(
-    key: torch.Tensor, num_samples: int, rows: int, row_size: int
+    key: torch.Tensor, num_samples: int, rows: int, row_size: int, first_sample: int = 0
 ) -> torch.Tensor:
-    """The kernels' noise, in float64, shape (num_samples, rows, row_size).
+    """The kernels' noise, in float64, shape (num_samples, rows, row_size), for samples
+    first_sample .. first_sample + num_samples - 1.
 
     Element (s, r, d) is lane d % 4 of the Philox block with counter (d // 4, r mod 2^32,
     r div 2^32, s) and key (key mod 2^32, key div 2^32).
@@ -98,7 +99,9 @@ def philox_normals_reference(
     groups = -(-row_size // 4)
     group = torch.arange(groups, device=device, dtype=torch.int64).view(1, 1, groups)
     row = torch.arange(rows, device=device, dtype=torch.int64).view(1, rows, 1)
-    sample = torch.arange(num_samples, device=device, dtype=torch.int64).view(num_samples, 1, 1)
+    sample = torch.arange(
+        first_sample, first_sample + num_samples, device=device, dtype=torch.int64
+    ).view(num_samples, 1, 1)
     key = key.reshape(())
     words = philox4x32_10_reference(
         (group, row & _MASK32, row >> 32, sample), (key & _MASK32, (key >> 32) & _MASK32)

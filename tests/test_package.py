@@ -1,0 +1,101 @@
+"""The package as a user meets it: import hygiene, the compiled extension, backend selection."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dfkd_fast
+from dfkd_fast import backend
+from dfkd_fast.backend import Implementation, KernelKind, choose_implementation
+
+
+def test_import_initialises_no_cuda_and_compiles_nothing():
+    probe = (
+        "import sys, torch, dfkd_fast\n"
+        "assert not torch.cuda.is_initialized(), 'CUDA initialised'\n"
+        "assert 'triton' not in sys.modules, 'triton imported'\n"
+        "assert 'torch._inductor' not in sys.modules, 'inductor imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True)
+
+
+def test_compiled_extension_is_loaded():
+    assert dfkd_fast.extension_loaded(), dfkd_fast.extension_status()
+    assert hasattr(torch.ops.dfkd_fast, "reparameterize")
+
+
+def test_kernel_dtypes_on_cpu_use_the_extension():
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        implementation = choose_implementation(
+            "reparameterize", KernelKind.EXTENSION, torch.device("cpu"), dtype
+        )
+        assert implementation is Implementation.EXTENSION
+
+
+def test_float64_runs_the_reference():
+    implementation = choose_implementation(
+        "reparameterize", KernelKind.EXTENSION, torch.device("cpu"), torch.float64
+    )
+    assert implementation is Implementation.REFERENCE
+    mu = torch.randn(3, 4, dtype=torch.float64)
+    torch.manual_seed(0)
+    z64 = dfkd_fast.reparameterize(mu, mu)
+    torch.manual_seed(0)
+    z32 = dfkd_fast.reparameterize(mu.float(), mu.float())
+    assert z64.dtype == torch.float64
+    torch.testing.assert_close(z64.float(), z32, rtol=1e-5, atol=1e-5)
+
+
+def test_context_manager_forces_the_reference_and_restores():
+    cpu = torch.device("cpu")
+    with dfkd_fast.use_backend("reference"):
+        assert (
+            choose_implementation("reparameterize", KernelKind.EXTENSION, cpu, torch.float32)
+            is Implementation.REFERENCE
+        )
+    assert (
+        choose_implementation("reparameterize", KernelKind.EXTENSION, cpu, torch.float32)
+        is Implementation.EXTENSION
+    )
+
+
+def test_environment_variable_forces_the_reference(monkeypatch):
+    monkeypatch.setenv(backend.BACKEND_ENV_VAR, "reference")
+    assert backend.requested_backend() is backend.Backend.REFERENCE
+    monkeypatch.setenv(backend.BACKEND_ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match="DFKD_FAST_BACKEND"):
+        backend.requested_backend()
+
+
+def test_unknown_backend_name_is_rejected():
+    with pytest.raises(ValueError, match="backend"):
+        with dfkd_fast.use_backend("cuda"):
+            pass
+
+
+def test_triton_ops_on_cpu_use_the_reference_unless_interpreted(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(backend.TRITON_INTERPRET_ENV_VAR, raising=False)
+    assert choose_implementation("kd_div", KernelKind.TRITON, cpu, torch.float32) is (
+        Implementation.REFERENCE
+    )
+    monkeypatch.setenv(backend.TRITON_INTERPRET_ENV_VAR, "1")
+    assert choose_implementation("kd_div", KernelKind.TRITON, cpu, torch.float32) is (
+        Implementation.TRITON_INTERPRETER
+    )
+    cuda = torch.device("cuda")
+    assert choose_implementation("kd_div", KernelKind.TRITON, cuda, torch.float32) is (
+        Implementation.TRITON
+    )
+
+
+def test_missing_kernel_falls_back_to_the_reference_with_a_warning():
+    with pytest.warns(RuntimeWarning, match="no compiled cpu kernel"):
+        implementation = choose_implementation(
+            "no_such_op", KernelKind.EXTENSION, torch.device("cpu"), torch.float32
+        )
+    assert implementation is Implementation.REFERENCE
