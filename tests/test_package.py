@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,3 +101,25 @@ def test_missing_kernel_falls_back_to_the_reference_with_a_warning():
             "no_such_op", KernelKind.EXTENSION, torch.device("cpu"), torch.float32
         )
     assert implementation is Implementation.REFERENCE
+
+
+def _readme_commands() -> list[str]:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("```bash", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line and not line.startswith("#")]
+
+
+def test_ci_runs_the_readme_test_command():
+    setup_and_run, setup_and_test = _readme_commands()
+    assert setup_and_run.endswith("dfkd-fast demo")
+    assert setup_and_test.endswith("python3 -m pytest")
+    ci_script = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
+    assert setup_and_test in ci_script.splitlines()
+
+
+def test_console_script_points_at_the_cli():
+    scripts = importlib.metadata.entry_points(group="console_scripts")
+    (script,) = [s for s in scripts if s.name == "dfkd-fast"]
+    from dfkd_fast.cli import main
+
+    assert script.load() is main

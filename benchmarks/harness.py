@@ -1,0 +1,52 @@
+"""Shared pieces of the benchmarks: devices, synchronisation, and the bytes an op must move."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str):
+    """fn, followed by a device synchronisation so that its wall time is the kernels' time."""
+
+    def run():
+        result = fn()
+        synchronize(device)
+        return result
+
+    return run
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{cpu_model()}, {torch.get_num_threads()} threads"
+
+
+def describe(benchmark, device: str, **info) -> None:
+    """Records the case in pytest-benchmark's JSON for benchmarks/report.py."""
+    benchmark.extra_info.update(
+        device=device,
+        device_name=device_name(device),
+        torch=torch.__version__,
+        **info,
+    )

@@ -1,0 +1,70 @@
+"""Markdown tables from pytest-benchmark JSON: time per call, ratios against eager PyTorch and
+torch.compile measured in the same run, achieved GB/s and its fraction of the measured copy
+bandwidth.
+
+    python benchmarks/report.py out.json [--op reparameterize]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+
+
+def load_cases(path: str) -> list[dict]:
+    with open(path) as handle:
+        data = json.load(handle)
+    cases = []
+    for bench in data["benchmarks"]:
+        info = bench["extra_info"]
+        cases.append({**info, "median_s": bench["stats"]["median"]})
+    return cases, data.get("machine_info", {})
+
+
+def table(cases: list[dict], op: str) -> str:
+    copy = {c["device"]: c["bytes"] / c["median_s"] for c in cases if c["op"] == "copy"}
+    by_size = defaultdict(dict)
+    for case in cases:
+        if case["op"] == op:
+            by_size[(case["device"], case["dtype"], case["numel"])][case["implementation"]] = case
+    lines = [
+        "| device | dtype | elements | dfkd_fast | eager | torch.compile | vs eager | vs compile "
+        "| GB/s | of copy BW |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (device, dtype, numel), impls in sorted(by_size.items()):
+        ours = impls.get("dfkd_fast")
+        if ours is None:
+            continue
+
+        def ms(name):
+            return f"{impls[name]['median_s'] * 1e3:.3f} ms" if name in impls else "-"
+
+        def ratio(name):
+            return f"{impls[name]['median_s'] / ours['median_s']:.2f}x" if name in impls else "-"
+
+        bandwidth = ours["bytes"] / ours["median_s"]
+        fraction = f"{bandwidth / copy[device]:.0%}" if device in copy else "-"
+        lines.append(
+            f"| {device} | {dtype} | 2^{numel.bit_length() - 1} | {ms('dfkd_fast')} | {ms('eager')}"
+            f" | {ms('torch.compile')} | {ratio('eager')} | {ratio('torch.compile')}"
+            f" | {bandwidth / 1e9:.1f} | {fraction} |"
+        )
+    devices = sorted({(c["device"], c["device_name"], c["torch"]) for c in cases})
+    header = "\n".join(f"- {d}: {name}, torch {version}" for d, name, version in devices)
+    copy_lines = "\n".join(f"- measured copy bandwidth ({d}): {bw / 1e9:.1f} GB/s" for d, bw in copy.items())
+    return f"{header}\n{copy_lines}\n\n" + "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("json_path")
+    parser.add_argument("--op", default="reparameterize")
+    arguments = parser.parse_args()
+    cases, _ = load_cases(arguments.json_path)
+    print(table(cases, arguments.op))
+
+
+if __name__ == "__main__":
+    main()
