@@ -203,6 +203,18 @@ DFKD_CPU_CLONES void backward_tasks_bf16(const BackwardArgs& a, int64_t b, int64
   backward_tasks<c10::BFloat16>(a, b, e);
 }
 
+// The clone set of one task function per dtype, indexed by DType.
+template <typename Args>
+using TaskFunction = void (*)(const Args&, int64_t, int64_t);
+
+template <typename Args>
+void run_tasks(const Args& args, int64_t tasks, int64_t grain,
+               const TaskFunction<Args> (&by_dtype)[3]) {
+  const TaskFunction<Args> function = by_dtype[static_cast<int>(args.dtype)];
+  at::parallel_for(0, tasks, grain,
+                   [&](int64_t begin, int64_t end) { function(args, begin, end); });
+}
+
 int64_t grain_tasks(int64_t elements_per_task) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, elements_per_task));
 }
@@ -220,19 +232,8 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_cpu(const at::Tensor& mu,
   const ForwardArgs& args = b.args;
   const int64_t tasks = num_samples * args.rows * args.kl_parts_per_row;
   const int64_t task_elements = std::min(args.row_size, kElementsPerTask);
-  at::parallel_for(0, tasks, grain_tasks(task_elements), [&](int64_t begin, int64_t end) {
-    switch (args.dtype) {
-      case DType::kFloat32:
-        forward_tasks_f32(args, begin, end);
-        break;
-      case DType::kFloat16:
-        forward_tasks_f16(args, begin, end);
-        break;
-      case DType::kBFloat16:
-        forward_tasks_bf16(args, begin, end);
-        break;
-    }
-  });
+  run_tasks(args, tasks, grain_tasks(task_elements),
+            {forward_tasks_f32, forward_tasks_f16, forward_tasks_bf16});
   return {b.z, b.kl()};
 }
 
@@ -243,20 +244,8 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_backward_cpu(
   const BackwardArgs& args = b.args;
   const int64_t parts = parts_per_row(args.row_size);
   const int64_t task_elements = std::min(args.row_size, kElementsPerTask) * args.num_samples;
-  at::parallel_for(0, args.rows * parts, grain_tasks(task_elements),
-                   [&](int64_t begin, int64_t end) {
-                     switch (args.dtype) {
-                       case DType::kFloat32:
-                         backward_tasks_f32(args, begin, end);
-                         break;
-                       case DType::kFloat16:
-                         backward_tasks_f16(args, begin, end);
-                         break;
-                       case DType::kBFloat16:
-                         backward_tasks_bf16(args, begin, end);
-                         break;
-                     }
-                   });
+  run_tasks(args, args.rows * parts, grain_tasks(task_elements),
+            {backward_tasks_f32, backward_tasks_f16, backward_tasks_bf16});
   return {b.grad_mu, b.grad_logvar};
 }
 
