@@ -375,6 +375,17 @@ def test_torch_compile_fullgraph_matches_eager(device):
         torch.testing.assert_close(compiled_value, eager_value)
 
 
+def test_torch_compile_with_an_explicit_generator_breaks_the_graph_but_works():
+    mu = torch.zeros(4, 8)
+
+    def doubled_samples(mu, generator):
+        return 2 * dfkd_fast.reparameterize(mu, mu, generator=generator)
+
+    compiled = torch.compile(doubled_samples)
+    first = compiled(mu, torch.Generator().manual_seed(8))
+    assert torch.equal(first, doubled_samples(mu, torch.Generator().manual_seed(8)))
+
+
 # ------------------------------------------------------------------------------------------
 # sample_prior
 # ------------------------------------------------------------------------------------------

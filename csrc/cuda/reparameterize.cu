@@ -137,8 +137,12 @@ Tiling make_tiling(int64_t rows, int64_t row_size) {
   while (t.threads_per_row < kBlockThreads && t.threads_per_row < t.groups_per_row) {
     t.threads_per_row *= 2;
   }
-  t.rows_per_block =
-      static_cast<int>(std::min<int64_t>(kBlockThreads / t.threads_per_row, std::max<int64_t>(1, rows)));
+  // Whole warps only (the KL shuffles use full masks): round the rows of a block up to a
+  // multiple of the rows one warp holds; rows past the end contribute zeros.
+  const int64_t rows_per_warp = std::max(1, kWarpSize / t.threads_per_row);
+  const int64_t wanted_rows = (std::max<int64_t>(1, rows) + rows_per_warp - 1) / rows_per_warp;
+  t.rows_per_block = static_cast<int>(
+      std::min<int64_t>(kBlockThreads / t.threads_per_row, wanted_rows * rows_per_warp));
   t.parts_per_row =
       std::max<int64_t>(1, (t.groups_per_row + t.threads_per_row - 1) / t.threads_per_row);
   t.row_tiles = (rows + t.rows_per_block - 1) / t.rows_per_block;

@@ -136,8 +136,7 @@ def reparameterize_reference(
     """
     shape = (num_samples, *mu.shape)
     if noise is None:
-        row_size = mu.shape[-1]
-        rows = mu.numel() // row_size if row_size else math.prod(mu.shape[:-1])
+        rows, row_size = math.prod(mu.shape[:-1]), mu.shape[-1]
         key = draw_key(generator)
         noise = philox_normals_reference(key, num_samples, rows, row_size).to(mu.device)
     mu64, logvar64 = mu.double(), logvar.double()
@@ -240,6 +239,8 @@ def reparameterize(
         generator: the ``torch.Generator`` that keys the noise (the default CPU generator when
             None, for CPU and CUDA tensors alike, so ``torch.manual_seed`` reproduces the samples
             on either device). A CUDA generator keeps the key on the device (CUDA-graph safe).
+            Under ``torch.compile`` an explicit generator breaks the graph around this call
+            (Dynamo cannot pass generators to operators); with ``fullgraph=True``, leave it None.
         return_kl: also return KL(N(mu, e^logvar) || N(0, I)) summed over the last dimension.
 
     Returns:
