@@ -6,7 +6,15 @@ initialises no CUDA context and compiles nothing.
 
 from dfkd_fast._extension import extension_loaded, extension_status
 from dfkd_fast.backend import Backend, Implementation, choose_implementation, use_backend
-from dfkd_fast.ops import reparameterize, reparameterize_reference, sample_prior
+from dfkd_fast.nn import JSDivLoss, KDLoss
+from dfkd_fast.ops import (
+    js_div,
+    kd_div,
+    kd_div_reference,
+    reparameterize,
+    reparameterize_reference,
+    sample_prior,
+)
 
 __version__ = "0.1.0"
 
@@ -16,6 +24,11 @@ __all__ = [
     "choose_implementation",
     "extension_loaded",
     "extension_status",
+    "js_div",
+    "JSDivLoss",
+    "kd_div",
+    "kd_div_reference",
+    "KDLoss",
     "reparameterize",
     "reparameterize_reference",
     "sample_prior",

@@ -1,11 +1,20 @@
-"""Shared fixtures: the devices to test on."""
+"""Shared fixtures: the devices to test on.
+
+Without a GPU, the Triton kernels are tested under Triton's interpreter: TRITON_INTERPRET=1 is set
+here, before any kernel module is imported (Triton reads it when a kernel is decorated). Each
+test picks the path it exercises (see the `implementation` fixtures of the op tests).
+"""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 
 CUDA_AVAILABLE = torch.cuda.is_available()
+if not CUDA_AVAILABLE:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 DEVICES = ["cpu"] + (["cuda"] if CUDA_AVAILABLE else [])
 
 requires_cuda = pytest.mark.skipif(not CUDA_AVAILABLE, reason="needs a CUDA device")

@@ -50,3 +50,23 @@ GRAD = {
     torch.float16: Tolerance(rtol=2e-3, atol=8e-3),
     torch.bfloat16: Tolerance(rtol=1.6e-2, atol=6e-2),
 }
+
+# kd_div / js_div. Losses are float32 whatever the input dtype; they are compared as divergences
+# (loss / T^2, in nats) against float64 of the same (already rounded) inputs: measured max rel.
+# error 6e-7, and absolute errors of a few 1e-7 nats where log-normalisers cancel.
+KD_LOSS = Tolerance(rtol=1e-6, atol=1e-6)
+
+# Gradients are rounded to the input dtype and compared in units of
+# T * max |d loss / d row divergence|. Element-wise rtol is twice the dtype's rounding; atol is
+# about twice the worst absolute error left over: 2.5e-6 (KL) and 8.1e-8 (JS) in float32, 3.5e-6
+# in float16 (the spacing of its subnormals), negligible in bfloat16.
+KD_GRAD = {
+    torch.float32: Tolerance(rtol=1e-5, atol=5e-6),
+    torch.float16: Tolerance(rtol=1e-3, atol=7e-6),
+    torch.bfloat16: Tolerance(rtol=8e-3, atol=1e-8),
+}
+JS_GRAD = {
+    torch.float32: Tolerance(rtol=1e-5, atol=2e-7),
+    torch.float16: Tolerance(rtol=1e-3, atol=7e-6),
+    torch.bfloat16: Tolerance(rtol=8e-3, atol=1e-8),
+}
