@@ -17,6 +17,21 @@ TORCH_LIBRARY(dfkd_fast, m) {
       "reparameterize_backward(Tensor? grad_z, Tensor? grad_kl, Tensor z, Tensor mu,"
       " Tensor logvar) -> (Tensor grad_mu, Tensor grad_logvar)",
       {at::Tag::pt2_compliant_tag});
+
+  // Distillation divergences on (rows, classes) logits: loss = T^2 * D(softmax(teacher / T),
+  // softmax(student / T)) per row ("kl" or "js"), times `weight`, reduced by "none" | "sum" |
+  // "mean" | "batchmean"; stats (rows, 6) float32 are the row statistics backward needs. The C++
+  // kernels serve CPU tensors; CUDA tensors use the Triton op dfkd_fast::kd_div_triton, which has
+  // the same signature.
+  m.def(
+      "kd_div(Tensor student, Tensor teacher, Tensor? weight, float temperature, str reduction,"
+      " str divergence) -> (Tensor loss, Tensor stats)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "kd_div_backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? weight,"
+      " Tensor stats, float temperature, str reduction, str divergence, bool need_student,"
+      " bool need_teacher) -> (Tensor grad_student, Tensor grad_teacher)",
+      {at::Tag::pt2_compliant_tag});
 }
 
 extern "C" {

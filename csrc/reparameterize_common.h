@@ -30,7 +30,7 @@ DFKD_HOST_DEVICE void group_normals(uint64_t key, uint32_t sample, uint64_t row,
   philox::normals4(sample_counter(group, row, sample), key, out);
 }
 
-DFKD_HOST_DEVICE float standard_deviation(float logvar) { return philox::exp_f32(0.5f * logvar); }
+DFKD_HOST_DEVICE float standard_deviation(float logvar) { return math::exp_f32(0.5f * logvar); }
 
 // One element's term of the KL divergence to N(0, I): KL = -0.5 * sum(term).
 DFKD_HOST_DEVICE float kl_term(float mu, float logvar, float stddev) {

@@ -1,8 +1,9 @@
 """Which implementation an op runs: decided here, and only here.
 
 * CUDA tensors run the kernels (the compiled extension's CUDA kernels, or Triton kernels).
-* CPU tensors run the extension's C++ kernels; ops whose kernels are written in Triton run their
-  pure-PyTorch reference, or the Triton kernel under the interpreter when ``TRITON_INTERPRET=1``.
+* CPU tensors run the extension's C++ kernels; ops whose GPU kernels are written in Triton run
+  the Triton kernel under the interpreter when ``TRITON_INTERPRET=1``, else their C++ CPU kernel
+  (the extension op of the same name) if there is one, else their pure-PyTorch reference.
 * Dtypes a kernel does not support (float64, say) run the reference.
 * ``DFKD_FAST_BACKEND=reference`` or ``with dfkd_fast.use_backend("reference"):`` forces the
   reference everywhere.
@@ -112,6 +113,8 @@ def _choose(op_name: str, kind: str, device_type: str, dtype: torch.dtype) -> st
         return Implementation.TRITON.value
     if os.environ.get(TRITON_INTERPRET_ENV_VAR) == "1":
         return Implementation.TRITON_INTERPRETER.value
+    if _extension.has_kernel(op_name, device_type):
+        return Implementation.EXTENSION.value
     return Implementation.REFERENCE.value
 
 

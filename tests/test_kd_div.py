@@ -33,18 +33,23 @@ class Path:
 PATHS = (
     ([Path("triton-interpreter", torch.device("cpu"), Implementation.TRITON_INTERPRETER)]
      if INTERPRETER else [])
+    + [Path("cpu-extension", torch.device("cpu"), Implementation.EXTENSION)]
     + [Path("cpu-reference", torch.device("cpu"), Implementation.REFERENCE)]
     + ([Path("triton-cuda", torch.device("cuda"), Implementation.TRITON)] if CUDA_AVAILABLE else [])
 )  # fmt: skip
 
 
 @pytest.fixture(params=PATHS, ids=lambda p: p.name)
-def path(request, monkeypatch) -> Path:
-    if request.param.name == "cpu-reference":
+def path(request, monkeypatch):
+    if request.param.name in ("cpu-extension", "cpu-reference"):
         monkeypatch.setenv("TRITON_INTERPRET", "0")
-    chosen = choose_implementation("kd_div", KernelKind.TRITON, request.param.device, torch.float32)
-    assert chosen is request.param.expected
-    return request.param
+    backend = "reference" if request.param.name == "cpu-reference" else "auto"
+    with dfkd_fast.use_backend(backend):
+        chosen = choose_implementation(
+            "kd_div", KernelKind.TRITON, request.param.device, torch.float32
+        )
+        assert chosen is request.param.expected
+        yield request.param
 
 
 def make_logits(shape, dtype, device, seed, scale=3.0):
@@ -260,24 +265,30 @@ def test_properties_of_the_divergences(rows, num_classes, temperature, scale, di
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not (INTERPRETER or CUDA_AVAILABLE), reason="needs Triton (CUDA or interpreter)")
+OPERATORS = (
+    ["kd_div"]
+    + (["kd_div_triton"] if INTERPRETER or CUDA_AVAILABLE else [])
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("operator", OPERATORS)
 @pytest.mark.parametrize("divergence", ["kl", "js"])
 @pytest.mark.parametrize("reduction", ["none", "batchmean"])
-def test_opcheck(divergence, reduction):
-    device = "cuda" if CUDA_AVAILABLE else "cpu"
+def test_opcheck(operator, divergence, reduction):
+    device = "cuda" if CUDA_AVAILABLE and operator == "kd_div_triton" else "cpu"
+    forward = getattr(torch.ops.dfkd_fast, operator)
+    backward = getattr(torch.ops.dfkd_fast, operator + "_backward")
     student, teacher = make_logits((6, 9), torch.float32, device, seed=1)
     weight = torch.rand(6, device=device)
     torch.library.opcheck(
-        torch.ops.dfkd_fast.kd_div_forward.default,
+        forward.default,
         (student.requires_grad_(), teacher.requires_grad_(), weight, 2.0, reduction, divergence),
     )
-    loss, stats = torch.ops.dfkd_fast.kd_div_forward(
-        student.detach(), teacher.detach(), weight, 2.0, reduction, divergence
-    )
+    loss, stats = forward(student.detach(), teacher.detach(), weight, 2.0, reduction, divergence)
     grad = torch.randn_like(loss)
     for need_student, need_teacher in [(True, True), (True, False), (False, True)]:
         torch.library.opcheck(
-            torch.ops.dfkd_fast.kd_div_backward.default,
+            backward.default,
             (grad, student.detach(), teacher.detach(), weight, stats, 2.0, reduction, divergence,
              need_student, need_teacher),
         )  # fmt: skip
@@ -288,7 +299,7 @@ def _distillation_step(student, teacher):
 
 
 def test_torch_compile_fullgraph_on_the_default_cpu_path(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the C++ kernels, through their operator
     student, teacher = make_logits((16, 10), torch.float32, "cpu", seed=12)
     compiled = torch.compile(_distillation_step, fullgraph=True)
     results = []

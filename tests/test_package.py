@@ -79,10 +79,13 @@ def test_unknown_backend_name_is_rejected():
             pass
 
 
-def test_triton_ops_on_cpu_use_the_reference_unless_interpreted(monkeypatch):
+def test_triton_ops_on_cpu_use_the_interpreter_or_their_cpu_kernel(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.delenv(backend.TRITON_INTERPRET_ENV_VAR, raising=False)
     assert choose_implementation("kd_div", KernelKind.TRITON, cpu, torch.float32) is (
+        Implementation.EXTENSION
+    )
+    assert choose_implementation("no_cpu_kernel", KernelKind.TRITON, cpu, torch.float32) is (
         Implementation.REFERENCE
     )
     monkeypatch.setenv(backend.TRITON_INTERPRET_ENV_VAR, "1")

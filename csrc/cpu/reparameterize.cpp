@@ -4,7 +4,6 @@
 // of one row, so a task's KL partial sum never depends on the thread count. Inner loops are
 // written so that GCC vectorises them; target_clones compiles them for AVX-512, AVX2 and baseline
 // x86-64 and picks one at load time.
-#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -12,19 +11,7 @@
 #include <algorithm>
 
 #include "../reparameterize_torch.h"
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
-#define DFKD_CPU_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define DFKD_CPU_CLONES
-#endif
-
-#if defined(__GNUC__)
-#define DFKD_ALWAYS_INLINE __attribute__((always_inline)) inline
-#else
-#define DFKD_ALWAYS_INLINE inline
-#endif
+#include "vectorize.h"
 
 namespace dfkd_fast {
 namespace reparameterize {
@@ -33,6 +20,9 @@ namespace {
 constexpr int64_t kGroupsPerTask = 1024;  // a task covers up to 4096 elements of one row
 constexpr int kGroupsPerBlock = 64;       // noise for 256 elements lives on the stack
 constexpr int kKlLanes = 8;               // independent partial sums, so the sum vectorises
+using cpu::add_to_lanes;
+using cpu::run_tasks;
+using cpu::sum_lanes;
 constexpr int64_t kGrainElements = 16384;
 
 constexpr int64_t kElementsPerTask = kGroupSize * kGroupsPerTask;
@@ -89,19 +79,6 @@ DFKD_ALWAYS_INLINE void write_samples(const scalar_t* mu, const scalar_t* logvar
   }
 }
 
-// Adds terms[i] to lanes[i % kKlLanes]: a fixed summation order that vectorises.
-DFKD_ALWAYS_INLINE void add_to_lanes(const float* terms, int64_t count, float* lanes) {
-  int64_t i = 0;
-  for (; i + kKlLanes <= count; i += kKlLanes) {
-    for (int lane = 0; lane < kKlLanes; ++lane) {
-      lanes[lane] += terms[i + lane];
-    }
-  }
-  for (int lane = 0; i < count; ++i, ++lane) {
-    lanes[lane] += terms[i];
-  }
-}
-
 template <typename scalar_t>
 DFKD_ALWAYS_INLINE void forward_tasks(const ForwardArgs& args, int64_t begin, int64_t end) {
   const auto* mu = static_cast<const scalar_t*>(args.mu);
@@ -130,18 +107,14 @@ DFKD_ALWAYS_INLINE void forward_tasks(const ForwardArgs& args, int64_t begin, in
       if (sample == 0) {
         write_samples<scalar_t, true>(mu_row + first, logvar_row + first, noise, elements,
                                       z_row + first, kl_terms);
-        add_to_lanes(kl_terms, elements, kl_lanes);
+        add_to_lanes<kKlLanes>(kl_terms, elements, kl_lanes);
       } else {
         write_samples<scalar_t, false>(mu_row + first, logvar_row + first, noise, elements,
                                        z_row + first, kl_terms);
       }
     }
     if (sample == 0) {
-      float kl_sum = 0.0f;
-      for (float lane_sum : kl_lanes) {
-        kl_sum += lane_sum;
-      }
-      args.kl_parts[row * parts + part] = -0.5f * kl_sum;
+      args.kl_parts[row * parts + part] = -0.5f * sum_lanes<kKlLanes>(kl_lanes);
     }
   }
 }
@@ -203,18 +176,6 @@ DFKD_CPU_CLONES void backward_tasks_bf16(const BackwardArgs& a, int64_t b, int64
   backward_tasks<c10::BFloat16>(a, b, e);
 }
 
-// The clone set of one task function per dtype, indexed by DType.
-template <typename Args>
-using TaskFunction = void (*)(const Args&, int64_t, int64_t);
-
-template <typename Args>
-void run_tasks(const Args& args, int64_t tasks, int64_t grain,
-               const TaskFunction<Args> (&by_dtype)[3]) {
-  const TaskFunction<Args> function = by_dtype[static_cast<int>(args.dtype)];
-  at::parallel_for(0, tasks, grain,
-                   [&](int64_t begin, int64_t end) { function(args, begin, end); });
-}
-
 int64_t grain_tasks(int64_t elements_per_task) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, elements_per_task));
 }
@@ -232,7 +193,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_cpu(const at::Tensor& mu,
   const ForwardArgs& args = b.args;
   const int64_t tasks = num_samples * args.rows * args.kl_parts_per_row;
   const int64_t task_elements = std::min(args.row_size, kElementsPerTask);
-  run_tasks(args, tasks, grain_tasks(task_elements),
+  run_tasks(args, static_cast<int>(args.dtype), tasks, grain_tasks(task_elements),
             {forward_tasks_f32, forward_tasks_f16, forward_tasks_bf16});
   return {b.z, b.kl()};
 }
@@ -244,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_backward_cpu(
   const BackwardArgs& args = b.args;
   const int64_t parts = parts_per_row(args.row_size);
   const int64_t task_elements = std::min(args.row_size, kElementsPerTask) * args.num_samples;
-  run_tasks(args, args.rows * parts, grain_tasks(task_elements),
+  run_tasks(args, static_cast<int>(args.dtype), args.rows * parts, grain_tasks(task_elements),
             {backward_tasks_f32, backward_tasks_f16, backward_tasks_bf16});
   return {b.grad_mu, b.grad_logvar};
 }

@@ -12,8 +12,10 @@ per row, times an optional per-row weight, then reduced: "none" (per row), "sum"
 logits (the teacher's too: an adversarial generator backpropagates through them) and to the
 weight.
 
-CUDA tensors run the Triton kernels of kd_div_triton.py; CPU tensors run the reference below, or
-the Triton kernels under the interpreter when TRITON_INTERPRET=1 (set before the first call).
+CUDA tensors run the Triton kernels of kd_div_triton.py; CPU tensors run the C++ kernels of the
+compiled extension (csrc/cpu/kd_div.cpp, same formulas), or the Triton kernels under the
+interpreter when TRITON_INTERPRET=1 (set before the first call). The reference below is the test
+oracle and the fallback for float64 or a missing extension.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from dfkd_fast import _extension
 from dfkd_fast.backend import (
     TRITON_INTERPRET_ENV_VAR,
     Implementation,
@@ -116,7 +119,12 @@ def kd_div_reference(
 
 
 # --------------------------------------------------------------------------------------------
-# The Triton op: registration, fake and autograd
+# The kernels' operators, fake and autograd registrations
+#
+# Two operators with one signature: dfkd_fast::kd_div (C++ kernels of the compiled extension, for
+# CPU tensors; schema in csrc/ops.cpp) and dfkd_fast::kd_div_triton (Triton kernels, for CUDA
+# tensors, or CPU tensors under TRITON_INTERPRET=1). Each returns (loss, stats): loss of shape
+# (rows,) for "none" and () otherwise, float32; stats (rows, 6) float32 for the backward operator.
 # --------------------------------------------------------------------------------------------
 
 
@@ -129,16 +137,16 @@ def _kernels():
         raise RuntimeError(f"dfkd_fast.kd_div needs Triton for {where}: {error}") from None
 
 
-def _check_kernel_device(tensor: torch.Tensor) -> None:
+def _check_triton_device(tensor: torch.Tensor) -> None:
     if tensor.device.type == "cpu" and os.environ.get(TRITON_INTERPRET_ENV_VAR) != "1":
         raise RuntimeError(
             "the Triton kd_div kernels run on CPU tensors only under TRITON_INTERPRET=1; "
-            "dfkd_fast.kd_div runs the reference on CPU otherwise"
+            "CPU tensors otherwise use dfkd_fast::kd_div (dfkd_fast.kd_div picks it)"
         )
 
 
-@torch.library.custom_op("dfkd_fast::kd_div_forward", mutates_args=())
-def _kd_div_forward(
+@torch.library.custom_op("dfkd_fast::kd_div_triton", mutates_args=())
+def _kd_div_triton(
     student: torch.Tensor,
     teacher: torch.Tensor,
     weight: Optional[torch.Tensor],
@@ -146,20 +154,12 @@ def _kd_div_forward(
     reduction: str,
     divergence: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, stats): loss of shape (rows,) for "none" and () otherwise, float32; stats (rows, 6)."""
-    _check_kernel_device(student)
+    _check_triton_device(student)
     return _kernels().forward(student, teacher, weight, temperature, reduction, divergence == "js")
 
 
-@_kd_div_forward.register_fake
-def _kd_div_forward_fake(student, teacher, weight, temperature, reduction, divergence):
-    rows = student.shape[0]
-    loss = student.new_empty((rows,) if reduction == "none" else (), dtype=torch.float32)
-    return loss, student.new_empty((rows, NUM_STATS), dtype=torch.float32)
-
-
-@torch.library.custom_op("dfkd_fast::kd_div_backward", mutates_args=())
-def _kd_div_backward(
+@torch.library.custom_op("dfkd_fast::kd_div_triton_backward", mutates_args=())
+def _kd_div_triton_backward(
     grad_loss: torch.Tensor,
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -171,16 +171,20 @@ def _kd_div_backward(
     need_student: bool,
     need_teacher: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients for the student and teacher logits (empty where not needed)."""
-    _check_kernel_device(student)
+    _check_triton_device(student)
     return _kernels().backward(
         grad_loss, student, teacher, weight, stats, temperature, reduction,
         divergence == "js", need_student, need_teacher,
     )  # fmt: skip
 
 
-@_kd_div_backward.register_fake
-def _kd_div_backward_fake(
+def _forward_fake(student, teacher, weight, temperature, reduction, divergence):
+    rows = student.shape[0]
+    loss = student.new_empty((rows,) if reduction == "none" else (), dtype=torch.float32)
+    return loss, student.new_empty((rows, NUM_STATS), dtype=torch.float32)
+
+
+def _backward_fake(
     grad_loss, student, teacher, weight, stats, temperature, reduction, divergence,
     need_student, need_teacher,
 ):  # fmt: skip
@@ -208,30 +212,44 @@ def _weight_grad(grad_loss, stats, temperature, reduction, divergence, num_class
     return grad_loss * factor * divergence_rows
 
 
-def _backward(ctx, grad_loss, _grad_stats):
-    student, teacher, weight, stats = ctx.saved_tensors
-    need_student, need_teacher, need_weight = ctx.needs_input_grad[:3]
-    grad_student = grad_teacher = grad_weight = None
-    if need_student or need_teacher:
-        grad_student, grad_teacher = torch.ops.dfkd_fast.kd_div_backward(
-            grad_loss.contiguous(), student, teacher, weight, stats, ctx.temperature,
-            ctx.reduction, ctx.divergence, need_student, need_teacher,
-        )  # fmt: skip
-    if need_weight:
-        grad_weight = _weight_grad(
-            grad_loss, stats, ctx.temperature, ctx.reduction, ctx.divergence, student.shape[1]
+def _autograd_backward(backward_op):
+    def backward(ctx, grad_loss, _grad_stats):
+        student, teacher, weight, stats = ctx.saved_tensors
+        need_student, need_teacher, need_weight = ctx.needs_input_grad[:3]
+        grad_student = grad_teacher = grad_weight = None
+        if need_student or need_teacher:
+            grad_student, grad_teacher = backward_op(
+                grad_loss.contiguous(), student, teacher, weight, stats, ctx.temperature,
+                ctx.reduction, ctx.divergence, need_student, need_teacher,
+            )  # fmt: skip
+        if need_weight:
+            grad_weight = _weight_grad(
+                grad_loss, stats, ctx.temperature, ctx.reduction, ctx.divergence, student.shape[1]
+            )
+        return (
+            grad_student if need_student else None,
+            grad_teacher if need_teacher else None,
+            grad_weight,
+            None,
+            None,
+            None,
         )
-    return (
-        grad_student if need_student else None,
-        grad_teacher if need_teacher else None,
-        grad_weight,
-        None,
-        None,
-        None,
+
+    return backward
+
+
+def _register(forward_name: str, backward_name: str) -> None:
+    torch.library.register_fake(forward_name)(_forward_fake)
+    torch.library.register_fake(backward_name)(_backward_fake)
+    backward_op = getattr(torch.ops.dfkd_fast, backward_name.split("::")[1])
+    torch.library.register_autograd(
+        forward_name, _autograd_backward(backward_op), setup_context=_setup_context
     )
 
 
-_kd_div_forward.register_autograd(_backward, setup_context=_setup_context)
+_register("dfkd_fast::kd_div_triton", "dfkd_fast::kd_div_triton_backward")
+if _extension.extension_loaded():
+    _register("dfkd_fast::kd_div", "dfkd_fast::kd_div_backward")
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,9 +320,13 @@ def _divergence(student_logits, teacher_logits, temperature, reduction, weight, 
         return kd_div_reference(
             student_logits, teacher_logits, temperature, reduction, weight, divergence
         )
+    if Implementation.EXTENSION in implementations:
+        operator = torch.ops.dfkd_fast.kd_div
+    else:
+        operator = torch.ops.dfkd_fast.kd_div_triton
     num_classes = student_logits.shape[-1]
     rows_weight = None if weight is None else weight.to(torch.float32).reshape(-1)
-    loss, _stats = torch.ops.dfkd_fast.kd_div_forward(
+    loss, _stats = operator(
         student_logits.reshape(-1, num_classes),
         teacher_logits.reshape(-1, num_classes),
         rows_weight,
