@@ -3,7 +3,8 @@
 The baseline is the usual expression, mu + exp(logvar / 2) * randn_like(mu), plus the KL sum,
 at 2^16 to 2^26 elements of (rows, 64) float32. Run:
 
-    python -m pytest benchmarks/bench_reparameterize.py --benchmark-json=out.json
+    python -m pytest benchmarks/bench_memory.py benchmarks/bench_reparameterize.py \
+        --benchmark-json=out.json
     python benchmarks/report.py out.json
 """
 
@@ -61,15 +62,3 @@ def test_reparameterize(benchmark, device, implementation, numel):
         bytes=bytes_moved(numel, 4),
     )
     benchmark.pedantic(run, rounds=max(5, min(100, 2**26 // numel)), warmup_rounds=1)
-
-
-@pytest.mark.parametrize("numel", [2**26])
-def test_copy_bandwidth(benchmark, device, numel):
-    """Device memory bandwidth reference: a float32 copy, measured in the same run."""
-    source = torch.randn(numel, device=device)
-    target = torch.empty_like(source)
-    run = timed(lambda: target.copy_(source), device)
-    run()
-    describe(benchmark, device, op="copy", implementation="copy", numel=numel, dtype="float32",
-             bytes=2 * numel * 4)
-    benchmark.pedantic(run, rounds=20, warmup_rounds=2)

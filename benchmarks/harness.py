@@ -42,6 +42,17 @@ def device_name(device: str) -> str:
     return f"{cpu_model()}, {torch.get_num_threads()} threads"
 
 
+def peak_memory_bytes(run, device: str) -> int | None:
+    """Peak device memory allocated during one call of `run` (CUDA only; None on CPU)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    baseline = torch.cuda.memory_allocated()
+    run()
+    return torch.cuda.max_memory_allocated() - baseline
+
+
 def describe(benchmark, device: str, **info) -> None:
     """Records the case in pytest-benchmark's JSON for benchmarks/report.py."""
     benchmark.extra_info.update(

@@ -22,18 +22,29 @@ def load_cases(path: str) -> list[dict]:
     return cases, data.get("machine_info", {})
 
 
+def _size_label(case: dict) -> str:
+    return case.get("shape") or f"2^{case['numel'].bit_length() - 1}"
+
+
+def _megabytes(value) -> str:
+    return "-" if value is None else f"{value / 2**20:.1f} MiB"
+
+
 def table(cases: list[dict], op: str) -> str:
     copy = {c["device"]: c["bytes"] / c["median_s"] for c in cases if c["op"] == "copy"}
     by_size = defaultdict(dict)
     for case in cases:
         if case["op"] == op:
-            by_size[(case["device"], case["dtype"], case["numel"])][case["implementation"]] = case
+            key = (case["device"], case["dtype"], case["numel"], _size_label(case))
+            by_size[key][case["implementation"]] = case
+    with_memory = any(c.get("peak_memory") is not None for c in cases if c["op"] == op)
+    memory_header = " | peak memory (ours / eager)" if with_memory else ""
     lines = [
-        "| device | dtype | elements | dfkd_fast | eager | torch.compile | vs eager | vs compile "
-        "| GB/s | of copy BW |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| device | dtype | size | dfkd_fast | eager | torch.compile | vs eager | vs compile "
+        f"| GB/s | of copy BW{memory_header} |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if with_memory else ""),
     ]
-    for (device, dtype, numel), impls in sorted(by_size.items()):
+    for (device, dtype, _numel, label), impls in sorted(by_size.items()):
         ours = impls.get("dfkd_fast")
         if ours is None:
             continue
@@ -46,14 +57,20 @@ def table(cases: list[dict], op: str) -> str:
 
         bandwidth = ours["bytes"] / ours["median_s"]
         fraction = f"{bandwidth / copy[device]:.0%}" if device in copy else "-"
+        memory = ""
+        if with_memory:
+            eager_memory = impls.get("eager", {}).get("peak_memory")
+            memory = f" | {_megabytes(ours.get('peak_memory'))} / {_megabytes(eager_memory)}"
         lines.append(
-            f"| {device} | {dtype} | 2^{numel.bit_length() - 1} | {ms('dfkd_fast')} | {ms('eager')}"
+            f"| {device} | {dtype} | {label} | {ms('dfkd_fast')} | {ms('eager')}"
             f" | {ms('torch.compile')} | {ratio('eager')} | {ratio('torch.compile')}"
-            f" | {bandwidth / 1e9:.1f} | {fraction} |"
+            f" | {bandwidth / 1e9:.1f} | {fraction}{memory} |"
         )
     devices = sorted({(c["device"], c["device_name"], c["torch"]) for c in cases})
     header = "\n".join(f"- {d}: {name}, torch {version}" for d, name, version in devices)
-    copy_lines = "\n".join(f"- measured copy bandwidth ({d}): {bw / 1e9:.1f} GB/s" for d, bw in copy.items())
+    copy_lines = "\n".join(
+        f"- measured copy bandwidth ({d}): {bw / 1e9:.1f} GB/s" for d, bw in copy.items()
+    )
     return f"{header}\n{copy_lines}\n\n" + "\n".join(lines)
 
 

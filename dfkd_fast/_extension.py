@@ -7,6 +7,7 @@ reference; ``extension_status()`` says why.
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import torch
@@ -38,8 +39,10 @@ def extension_status() -> str:
     return f"dfkd_fast._C could not be loaded ({_LOAD_ERROR}); {REBUILD_HINT}"
 
 
+@functools.lru_cache(maxsize=None)
 def has_kernel(op_name: str, device_type: str) -> bool:
-    """Whether the extension registered a kernel of ``dfkd_fast::<op_name>`` for this device."""
+    """Whether the extension registered a kernel of ``dfkd_fast::<op_name>`` for this device
+    (fixed once the library is loaded, so the answer is cached)."""
     if _LOAD_ERROR is not None:
         return False
     dispatch_key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from dfkd_fast import _extension
 from dfkd_fast.backend import (
+    KERNEL_DTYPES,
     TRITON_INTERPRET_ENV_VAR,
     Implementation,
     KernelKind,
@@ -238,18 +239,21 @@ def _autograd_backward(backward_op):
     return backward
 
 
-def _register(forward_name: str, backward_name: str) -> None:
-    torch.library.register_fake(forward_name)(_forward_fake)
-    torch.library.register_fake(backward_name)(_backward_fake)
-    backward_op = getattr(torch.ops.dfkd_fast, backward_name.split("::")[1])
-    torch.library.register_autograd(
-        forward_name, _autograd_backward(backward_op), setup_context=_setup_context
-    )
+for _forward_name, _backward_name in [
+    ("dfkd_fast::kd_div_triton", "dfkd_fast::kd_div_triton_backward"),
+    ("dfkd_fast::kd_div", "dfkd_fast::kd_div_backward"),
+]:
+    if _forward_name == "dfkd_fast::kd_div" and not _extension.extension_loaded():
+        continue
+    torch.library.register_fake(_forward_name)(_forward_fake)
+    torch.library.register_fake(_backward_name)(_backward_fake)
 
-
-_register("dfkd_fast::kd_div_triton", "dfkd_fast::kd_div_triton_backward")
-if _extension.extension_loaded():
-    _register("dfkd_fast::kd_div", "dfkd_fast::kd_div_backward")
+# dfkd_fast::kd_div has its autograd in C++ (csrc/kd_div_autograd.cpp), which costs less per call.
+torch.library.register_autograd(
+    "dfkd_fast::kd_div_triton",
+    _autograd_backward(torch.ops.dfkd_fast.kd_div_triton_backward),
+    setup_context=_setup_context,
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,29 +316,36 @@ def _check_inputs(student_logits, teacher_logits, temperature, reduction, weight
 def _divergence(student_logits, teacher_logits, temperature, reduction, weight, divergence):
     _check_inputs(student_logits, teacher_logits, temperature, reduction, weight)
     temperature = float(temperature)
-    implementations = {
-        choose_implementation(OP_NAME, KernelKind.TRITON, logits.device, logits.dtype)
-        for logits in (student_logits, teacher_logits)
-    }
-    if Implementation.REFERENCE in implementations:
+    # A kernel dtype for both logits, else the reference (the float64 one, say).
+    dtype = student_logits.dtype if teacher_logits.dtype in KERNEL_DTYPES else teacher_logits.dtype
+    implementation = choose_implementation(OP_NAME, KernelKind.TRITON, student_logits.device, dtype)
+    if implementation is Implementation.REFERENCE:
         return kd_div_reference(
             student_logits, teacher_logits, temperature, reduction, weight, divergence
         )
-    if Implementation.EXTENSION in implementations:
+    if implementation is Implementation.EXTENSION:
         operator = torch.ops.dfkd_fast.kd_div
     else:
         operator = torch.ops.dfkd_fast.kd_div_triton
-    num_classes = student_logits.shape[-1]
-    rows_weight = None if weight is None else weight.to(torch.float32).reshape(-1)
     loss, _stats = operator(
-        student_logits.reshape(-1, num_classes),
-        teacher_logits.reshape(-1, num_classes),
-        rows_weight,
+        _as_rows(student_logits),
+        _as_rows(teacher_logits),
+        None if weight is None else _as_rows(weight.to(torch.float32), per_row=True),
         temperature,
         reduction,
         divergence,
     )
-    return loss.view(student_logits.shape[:-1]) if reduction == "none" else loss
+    if reduction == "none" and student_logits.dim() != 2:
+        return loss.view(student_logits.shape[:-1])
+    return loss
+
+
+def _as_rows(tensor: torch.Tensor, per_row: bool = False) -> torch.Tensor:
+    """(rows, C) logits or (rows,) weights; no new autograd node when already so shaped."""
+    wanted_dim = 1 if per_row else 2
+    if tensor.dim() == wanted_dim:
+        return tensor
+    return tensor.reshape(-1) if per_row else tensor.reshape(-1, tensor.shape[-1])
 
 
 def kd_div(

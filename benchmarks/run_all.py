@@ -1,0 +1,55 @@
+"""Runs every benchmark suite on this machine, saves pytest-benchmark JSON per op under
+benchmarks/results/, and prints the markdown tables for docs/benchmarks.md.
+
+    python benchmarks/run_all.py                      # every op, every available device
+    python benchmarks/run_all.py --ops kd_div --device cuda
+
+On a GPU machine this is the one command to refresh the GPU numbers (copy bandwidth included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from report import load_cases, table
+
+HERE = Path(__file__).resolve().parent
+OPS = ["reparameterize", "kd_div"]
+
+
+def machine_slug(device: str) -> str:
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--ops", nargs="+", default=OPS, choices=OPS)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="only this device (default: every available one)")
+    arguments = parser.parse_args()
+    devices = [arguments.device] if arguments.device else (
+        ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    for device in devices:
+        for op in arguments.ops:
+            output = HERE / "results" / f"{op}-{machine_slug(device)}.json"
+            command = [
+                sys.executable, "-m", "pytest", "-q", str(HERE / "bench_memory.py"),
+                str(HERE / f"bench_{op}.py"), "-k", device, f"--benchmark-json={output}",
+            ]
+            print("+", " ".join(command), flush=True)
+            if subprocess.run(command, cwd=HERE).returncode != 0:
+                return 1
+            cases, _ = load_cases(str(output))
+            print(f"\n### {op} on {device}\n\n{table(cases, op)}\n", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
