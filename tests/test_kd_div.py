@@ -151,6 +151,13 @@ def test_extra_dimensions_and_one_dimensional_logits(path):
     check_against_float64("js", student[0, 0], teacher[0, 0], 1.5, "none")
 
 
+@pytest.mark.parametrize("divergence", ["kl", "js"])
+def test_student_and_teacher_of_different_dtypes(path, divergence):
+    student, _ = make_logits((9, 33), torch.bfloat16, path.device, seed=13)
+    _, teacher = make_logits((9, 33), torch.float32, path.device, seed=14)
+    check_against_float64(divergence, student, teacher, 2.0, "batchmean")
+
+
 def test_non_contiguous_logits(path):
     student, teacher = make_logits((50, 40), torch.float32, path.device, seed=11)
     s_t, t_t = student[:, :20].t(), teacher[:, ::2].t()  # (20, 50): transposed, and strided too
