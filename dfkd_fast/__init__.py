@@ -6,8 +6,12 @@ initialises no CUDA context and compiles nothing.
 
 from dfkd_fast._extension import extension_loaded, extension_status
 from dfkd_fast.backend import Backend, Implementation, choose_implementation, use_backend
+from dfkd_fast.hooks import BNStatHooks
 from dfkd_fast.nn import JSDivLoss, KDLoss
 from dfkd_fast.ops import (
+    batch_norm_with_stat_loss,
+    bn_stat_loss,
+    bn_stats,
     js_div,
     kd_div,
     kd_div_reference,
@@ -19,7 +23,11 @@ from dfkd_fast.ops import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "BNStatHooks",
     "Backend",
+    "batch_norm_with_stat_loss",
+    "bn_stat_loss",
+    "bn_stats",
     "Implementation",
     "choose_implementation",
     "extension_loaded",

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -15,41 +13,17 @@ import dfkd_fast
 from dfkd_fast.backend import Implementation, KernelKind, choose_implementation
 from dfkd_fast.ops.kd_div import REDUCTIONS, kd_div_reference
 
-from .conftest import CUDA_AVAILABLE
+from .paths import CUDA_AVAILABLE, INTERPRETER, on_path, triton_op_paths
 from .tolerances import JS_GRAD, KD_GRAD, KD_LOSS
 
-INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FUNCTIONS = {"kl": dfkd_fast.kd_div, "js": dfkd_fast.js_div}
 
 
-@dataclass(frozen=True)
-class Path:
-    name: str
-    device: torch.device
-    expected: Implementation
-
-
-PATHS = (
-    ([Path("triton-interpreter", torch.device("cpu"), Implementation.TRITON_INTERPRETER)]
-     if INTERPRETER else [])
-    + [Path("cpu-extension", torch.device("cpu"), Implementation.EXTENSION)]
-    + [Path("cpu-reference", torch.device("cpu"), Implementation.REFERENCE)]
-    + ([Path("triton-cuda", torch.device("cuda"), Implementation.TRITON)] if CUDA_AVAILABLE else [])
-)  # fmt: skip
-
-
-@pytest.fixture(params=PATHS, ids=lambda p: p.name)
+@pytest.fixture(params=triton_op_paths(has_cpu_kernel=True), ids=str)
 def path(request, monkeypatch):
-    if request.param.name in ("cpu-extension", "cpu-reference"):
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-    backend = "reference" if request.param.name == "cpu-reference" else "auto"
-    with dfkd_fast.use_backend(backend):
-        chosen = choose_implementation(
-            "kd_div", KernelKind.TRITON, request.param.device, torch.float32
-        )
-        assert chosen is request.param.expected
-        yield request.param
+    with on_path(request.param, "kd_div", monkeypatch) as chosen:
+        yield chosen
 
 
 def make_logits(shape, dtype, device, seed, scale=3.0):

@@ -1,9 +1,13 @@
 """The operators: each module holds one op's reference, kernel registration and public function."""
 
+from dfkd_fast.ops.bn_stats import batch_norm_with_stat_loss, bn_stat_loss, bn_stats
 from dfkd_fast.ops.kd_div import js_div, kd_div, kd_div_reference
 from dfkd_fast.ops.reparameterize import reparameterize, reparameterize_reference, sample_prior
 
 __all__ = [
+    "batch_norm_with_stat_loss",
+    "bn_stat_loss",
+    "bn_stats",
     "js_div",
     "kd_div",
     "kd_div_reference",

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dfkd_fast.ops.triton_utils import store_rounded
+
 NUM_STATS = 6
 MAX_BLOCK_COLS = 4096
 MAX_TILE = 4096  # logits per program and chunk
@@ -49,17 +51,6 @@ def _exp_shifted(x, m, inv_temperature):
 def _load_chunk(ptr, rows, row_stride, cols, col_stride, mask):
     offsets = rows.to(tl.int64)[:, None] * row_stride + cols.to(tl.int64)[None, :] * col_stride
     return tl.load(ptr + offsets, mask=mask, other=float("-inf")).to(tl.float32)
-
-
-@triton.jit
-def _store_rounded(ptr, offsets, value, mask):
-    # float32 -> bfloat16 rounds to nearest even on the bits, so that the interpreter (which
-    # truncates) and GPUs give the same result; the rounded value's low 16 bits are zero.
-    if ptr.dtype.element_ty == tl.bfloat16:
-        bits = value.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        value = tl.where(value != value, value, bits.to(tl.float32, bitcast=True))
-    tl.store(ptr + offsets, value.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -254,9 +245,9 @@ def _backward_kernel(
             d_t = tl.where(p_t > 0.0, p_t * (d - b[:, None]) * inv_temperature, 0.0)
         offsets = grad_row_offsets + cols.to(tl.int64)[None, :]
         if NEED_STUDENT:
-            _store_rounded(GRAD_STUDENT, offsets, coefficient[:, None] * d_s, mask)
+            store_rounded(GRAD_STUDENT + offsets, coefficient[:, None] * d_s, mask)
         if NEED_TEACHER:
-            _store_rounded(GRAD_TEACHER, offsets, coefficient[:, None] * d_t, mask)
+            store_rounded(GRAD_TEACHER + offsets, coefficient[:, None] * d_t, mask)
 
 
 def _blocks(n_rows: int, n_cols: int) -> tuple[int, int, int]:
