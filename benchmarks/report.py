@@ -31,19 +31,23 @@ def _megabytes(value) -> str:
 
 
 def table(cases: list[dict], op: str) -> str:
+    """One row per size; a time and a ratio column per baseline measured in the same run."""
     copy = {c["device"]: c["bytes"] / c["median_s"] for c in cases if c["op"] == "copy"}
     by_size = defaultdict(dict)
     for case in cases:
         if case["op"] == op:
             key = (case["device"], case["dtype"], case["numel"], _size_label(case))
             by_size[key][case["implementation"]] = case
+    preferred = ["eager", "torch.compile"]
+    found = {name for impls in by_size.values() for name in impls} - {"dfkd_fast"}
+    baselines = [n for n in preferred if n in found] + sorted(found - set(preferred))
     with_memory = any(c.get("peak_memory") is not None for c in cases if c["op"] == op)
-    memory_header = " | peak memory (ours / eager)" if with_memory else ""
-    lines = [
-        "| device | dtype | size | dfkd_fast | eager | torch.compile | vs eager | vs compile "
-        f"| GB/s | of copy BW{memory_header} |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if with_memory else ""),
-    ]
+    header = "| device | dtype | size | dfkd_fast | " + " | ".join(baselines)
+    header += " | " + " | ".join(f"vs {name}" for name in baselines) + " | GB/s | of copy BW |"
+    if with_memory:
+        header += " peak memory (ours / eager) |"
+    columns = 6 + 2 * len(baselines) + (1 if with_memory else 0)
+    lines = [header, "|---|---|" + "---:|" * (columns - 2)]
     for (device, dtype, _numel, label), impls in sorted(by_size.items()):
         ours = impls.get("dfkd_fast")
         if ours is None:
@@ -57,21 +61,18 @@ def table(cases: list[dict], op: str) -> str:
 
         bandwidth = ours["bytes"] / ours["median_s"]
         fraction = f"{bandwidth / copy[device]:.0%}" if device in copy else "-"
-        memory = ""
+        row = [device, dtype, label, ms("dfkd_fast"), *map(ms, baselines),
+               *map(ratio, baselines), f"{bandwidth / 1e9:.1f}", fraction]  # fmt: skip
         if with_memory:
             eager_memory = impls.get("eager", {}).get("peak_memory")
-            memory = f" | {_megabytes(ours.get('peak_memory'))} / {_megabytes(eager_memory)}"
-        lines.append(
-            f"| {device} | {dtype} | {label} | {ms('dfkd_fast')} | {ms('eager')}"
-            f" | {ms('torch.compile')} | {ratio('eager')} | {ratio('torch.compile')}"
-            f" | {bandwidth / 1e9:.1f} | {fraction}{memory} |"
-        )
+            row.append(f"{_megabytes(ours.get('peak_memory'))} / {_megabytes(eager_memory)}")
+        lines.append("| " + " | ".join(row) + " |")
     devices = sorted({(c["device"], c["device_name"], c["torch"]) for c in cases})
-    header = "\n".join(f"- {d}: {name}, torch {version}" for d, name, version in devices)
+    header_lines = "\n".join(f"- {d}: {name}, torch {version}" for d, name, version in devices)
     copy_lines = "\n".join(
         f"- measured copy bandwidth ({d}): {bw / 1e9:.1f} GB/s" for d, bw in copy.items()
     )
-    return f"{header}\n{copy_lines}\n\n" + "\n".join(lines)
+    return f"{header_lines}\n{copy_lines}\n\n" + "\n".join(lines)
 
 
 def main() -> None:

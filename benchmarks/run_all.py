@@ -20,7 +20,12 @@ import torch
 from report import load_cases, table
 
 HERE = Path(__file__).resolve().parent
-OPS = ["reparameterize", "kd_div"]
+# bench file -> the report tables it feeds
+SUITES = {
+    "reparameterize": ["reparameterize"],
+    "kd_div": ["kd_div"],
+    "bn_stats": ["bn_stat_loss", "teacher_bn_loss", "batchnorm_forward"],
+}
 
 
 def machine_slug(device: str) -> str:
@@ -30,7 +35,7 @@ def machine_slug(device: str) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--ops", nargs="+", default=OPS, choices=OPS)
+    parser.add_argument("--ops", nargs="+", default=list(SUITES), choices=list(SUITES))
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
                         help="only this device (default: every available one)")
     arguments = parser.parse_args()
@@ -47,7 +52,8 @@ def main() -> int:
             if subprocess.run(command, cwd=HERE).returncode != 0:
                 return 1
             cases, _ = load_cases(str(output))
-            print(f"\n### {op} on {device}\n\n{table(cases, op)}\n", flush=True)
+            for table_op in SUITES[op]:
+                print(f"\n### {table_op} on {device}\n\n{table(cases, table_op)}\n", flush=True)
     return 0
 
 

@@ -32,6 +32,24 @@ TORCH_LIBRARY(dfkd_fast, m) {
       " Tensor stats, float temperature, str reduction, str divergence, bool need_student,"
       " bool need_teacher) -> (Tensor grad_student, Tensor grad_teacher)",
       {at::Tag::pt2_compliant_tag});
+
+  // BatchNorm statistics of x (N, C, *) and, given running statistics, the DeepInversion loss
+  // ||mean' - running_mean|| + ||var' - running_var|| (mean' blended with the ema by momentum);
+  // with scale/shift also the eval BatchNorm output y = x * scale + shift, from one read of x.
+  // Channel vectors are float32; loss (0-d) and norms (2,) are empty without running statistics,
+  // y without scale. The C++ kernels serve CPU tensors; CUDA tensors use the Triton operator
+  // dfkd_fast::bn_stat_loss_triton, which has the same signature.
+  m.def(
+      "bn_stat_loss(Tensor x, Tensor? running_mean, Tensor? running_var, Tensor? ema_mean,"
+      " Tensor? ema_var, float momentum, Tensor? scale, Tensor? shift)"
+      " -> (Tensor loss, Tensor mean, Tensor var, Tensor y, Tensor norms)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "bn_stat_loss_backward(Tensor x, Tensor mean, Tensor var, Tensor norms,"
+      " Tensor? running_mean, Tensor? running_var, Tensor? ema_mean, Tensor? ema_var,"
+      " float momentum, Tensor? scale, Tensor? grad_loss, Tensor? grad_mean, Tensor? grad_var,"
+      " Tensor? grad_y) -> Tensor grad_x",
+      {at::Tag::pt2_compliant_tag});
 }
 
 extern "C" {

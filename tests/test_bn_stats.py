@@ -26,9 +26,9 @@ SHAPES = [
 ]
 
 
-@pytest.fixture(params=triton_op_paths(has_cpu_kernel=False), ids=str)
+@pytest.fixture(params=triton_op_paths(has_cpu_kernel=True), ids=str)
 def path(request, monkeypatch):
-    with on_path(request.param, "bn_stats", monkeypatch) as chosen:
+    with on_path(request.param, "bn_stat_loss", monkeypatch) as chosen:
         yield chosen
 
 
@@ -170,11 +170,16 @@ def test_statistics_of_a_single_pass_are_cancellation_free(path):
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not (INTERPRETER or CUDA_AVAILABLE), reason="needs Triton (CUDA or interpreter)")
+OPERATORS = ["bn_stat_loss"] + (["bn_stat_loss_triton"] if INTERPRETER or CUDA_AVAILABLE else [])
+
+
+@pytest.mark.parametrize("operator", OPERATORS)
 @pytest.mark.parametrize("with_running,with_ema,with_affine", [
     (False, False, False), (True, False, False), (True, True, False), (True, False, True)])  # fmt: skip
-def test_opcheck(with_running, with_ema, with_affine):
-    device = "cuda" if CUDA_AVAILABLE else "cpu"
+def test_opcheck(operator, with_running, with_ema, with_affine):
+    device = "cuda" if CUDA_AVAILABLE and operator == "bn_stat_loss_triton" else "cpu"
+    forward = getattr(torch.ops.dfkd_fast, operator)
+    backward = getattr(torch.ops.dfkd_fast, operator + "_backward")
     x = make_activation((4, 5, 3, 3), True, torch.float32, device)
     running_mean, running_var, ema_mean, ema_var = make_statistics(5, device)
     scale, shift = torch.rand(5, device=device), torch.randn(5, device=device)
@@ -188,8 +193,8 @@ def test_opcheck(with_running, with_ema, with_affine):
         scale if with_affine else None,
         shift if with_affine else None,
     )
-    torch.library.opcheck(torch.ops.dfkd_fast.bn_stat_loss_triton.default, args)
-    loss, mean, var, y, norms = torch.ops.dfkd_fast.bn_stat_loss_triton(x.detach(), *args[1:])
+    torch.library.opcheck(forward.default, args)
+    loss, mean, var, y, norms = forward(x.detach(), *args[1:])
     grads = (
         torch.randn_like(loss) if with_running else None,
         torch.randn_like(mean),
@@ -197,13 +202,12 @@ def test_opcheck(with_running, with_ema, with_affine):
         torch.randn_like(y) if with_affine else None,
     )
     torch.library.opcheck(
-        torch.ops.dfkd_fast.bn_stat_loss_triton_backward.default,
-        (x.detach(), mean, var, norms, *args[1:6], args[6], *grads),
+        backward.default, (x.detach(), mean, var, norms, *args[1:6], args[6], *grads)
     )
 
 
 def test_torch_compile_fullgraph_on_the_default_cpu_path(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the C++ kernels, through their operator
     x = make_activation((8, 6, 5, 5), True, torch.float32, "cpu")
     running_mean, running_var, ema_mean, ema_var = make_statistics(6, "cpu")
     weight, bias = torch.rand(6), torch.randn(6)

@@ -18,9 +18,9 @@ from .shared import pretrained_resnet_path
 from .tolerances import BN_LOSS, NETWORK
 
 
-@pytest.fixture(params=triton_op_paths(has_cpu_kernel=False), ids=str)
+@pytest.fixture(params=triton_op_paths(has_cpu_kernel=True), ids=str)
 def path(request, monkeypatch):
-    with on_path(request.param, "bn_stats", monkeypatch) as chosen:
+    with on_path(request.param, "bn_stat_loss", monkeypatch) as chosen:
         yield chosen
 
 

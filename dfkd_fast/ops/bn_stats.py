@@ -13,9 +13,10 @@ exponential moving average of earlier batches' statistics, (1 - m) * batch + m *
 The gradient needs one elementwise pass: d/dx = g_mean[c] / M + g_var[c] * 2 (x - mean_c) / M.
 ``batch_norm_with_stat_loss`` also returns an eval-mode BatchNorm's output from the same read of x.
 
-CUDA tensors run the Triton kernels of bn_stats_triton.py; CPU tensors run the reference
-(torch.var_mean, F.batch_norm), or the Triton kernels under the interpreter when
-TRITON_INTERPRET=1 (set before the first call).
+CUDA tensors run the Triton kernels of bn_stats_triton.py; CPU tensors run the C++ kernels of the
+compiled extension (csrc/cpu/bn_stats.cpp), or the Triton kernels under the interpreter when
+TRITON_INTERPRET=1 (set before the first call). The reference (torch.var_mean, F.batch_norm) is
+the test oracle and the fallback for float64 or a missing extension.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from dfkd_fast import _extension
 from dfkd_fast.backend import (
     TRITON_INTERPRET_ENV_VAR,
     Implementation,
@@ -44,7 +46,7 @@ __all__ = [
     "statistics_loss_reference",
 ]
 
-OP_NAME = "bn_stats"
+OP_NAME = "bn_stat_loss"  # dfkd_fast::bn_stat_loss, the C++ CPU operator
 
 # --------------------------------------------------------------------------------------------
 # Reference
@@ -206,29 +208,48 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # an output left unused costs nothing in backward
 
 
-def _backward(ctx, grad_loss, grad_mean, grad_var, grad_y, _grad_norms):
-    if any(ctx.needs_input_grad[1:]):
-        raise RuntimeError(
-            "dfkd_fast::bn_stat_loss_triton differentiates x only, not the running statistics, "
-            "the ema or scale/shift (the public functions run the reference when those need it)"
+def _autograd_backward(backward_op):
+    def backward(ctx, grad_loss, grad_mean, grad_var, grad_y, _grad_norms):
+        if any(ctx.needs_input_grad[1:]):
+            raise RuntimeError(
+                "the bn_stat_loss operators differentiate x only, not the running statistics, "
+                "the ema or scale/shift (the public functions run the reference when those "
+                "need it)"
+            )
+        x, mean, var, norms, running_mean, running_var, ema_mean, ema_var, scale = (
+            ctx.saved_tensors
         )
-    x, mean, var, norms, running_mean, running_var, ema_mean, ema_var, scale = ctx.saved_tensors
-    if scale is None:
-        grad_y = None  # y was empty
-    if running_mean is None:
-        grad_loss = None  # so was the loss
-    if not ctx.needs_input_grad[0] or all(
-        grad is None for grad in (grad_loss, grad_mean, grad_var, grad_y)
-    ):
-        return (None,) * 8
-    grad_x = torch.ops.dfkd_fast.bn_stat_loss_triton_backward(
-        x, mean, var, norms, running_mean, running_var, ema_mean, ema_var, ctx.momentum, scale,
-        grad_loss, grad_mean, grad_var, grad_y,
-    )  # fmt: skip
-    return (grad_x,) + (None,) * 7
+        if scale is None:
+            grad_y = None  # y was empty
+        if running_mean is None:
+            grad_loss = None  # so was the loss
+        if not ctx.needs_input_grad[0] or all(
+            grad is None for grad in (grad_loss, grad_mean, grad_var, grad_y)
+        ):
+            return (None,) * 8
+        grad_x = backward_op(
+            x, mean, var, norms, running_mean, running_var, ema_mean, ema_var, ctx.momentum,
+            scale, grad_loss, grad_mean, grad_var, grad_y,
+        )  # fmt: skip
+        return (grad_x,) + (None,) * 7
+
+    return backward
 
 
-_bn_stat_loss_triton.register_autograd(_backward, setup_context=_setup_context)
+for _forward_name, _backward_name in [
+    ("dfkd_fast::bn_stat_loss_triton", "dfkd_fast::bn_stat_loss_triton_backward"),
+    ("dfkd_fast::bn_stat_loss", "dfkd_fast::bn_stat_loss_backward"),
+]:
+    if _forward_name == "dfkd_fast::bn_stat_loss":
+        if not _extension.extension_loaded():
+            continue
+        torch.library.register_fake(_forward_name)(_bn_stat_loss_triton_fake)
+        torch.library.register_fake(_backward_name)(_bn_stat_loss_triton_backward_fake)
+    torch.library.register_autograd(
+        _forward_name,
+        _autograd_backward(getattr(torch.ops.dfkd_fast, _backward_name.split("::")[1])),
+        setup_context=_setup_context,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,9 +301,14 @@ def _check_momentum(x, momentum, ema_mean, ema_var) -> float:
     return float(momentum)
 
 
-def _use_kernel(x: torch.Tensor) -> bool:
+def _kernel_operator(x: torch.Tensor):
+    """The operator that runs x's kernels, or None for the reference."""
     implementation = choose_implementation(OP_NAME, KernelKind.TRITON, x.device, x.dtype)
-    return implementation is not Implementation.REFERENCE
+    if implementation is Implementation.REFERENCE:
+        return None
+    if implementation is Implementation.EXTENSION:
+        return torch.ops.dfkd_fast.bn_stat_loss
+    return torch.ops.dfkd_fast.bn_stat_loss_triton
 
 
 def _float32(vector: torch.Tensor | None) -> torch.Tensor | None:
@@ -293,11 +319,10 @@ def bn_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (mean, biased variance) of a BatchNorm input x of shape (N, C, *), any memory
     format, in float32 (float64 for float64 x); differentiable with respect to x."""
     _check_activation(x)
-    if not _use_kernel(x):
+    operator = _kernel_operator(x)
+    if operator is None:
         return bn_stats_reference(x)
-    _, mean, var, _, _ = torch.ops.dfkd_fast.bn_stat_loss_triton(
-        x, None, None, None, None, 0.0, None, None
-    )
+    _, mean, var, _, _ = operator(x, None, None, None, None, 0.0, None, None)
     return mean, var
 
 
@@ -325,8 +350,9 @@ def bn_stat_loss(
     momentum = _check_momentum(x, momentum, ema_mean, ema_var)
     if momentum == 0.0:
         ema_mean = ema_var = None
-    if _use_kernel(x):
-        loss, mean, var, _, _ = torch.ops.dfkd_fast.bn_stat_loss_triton(
+    operator = _kernel_operator(x)
+    if operator is not None:
+        loss, mean, var, _, _ = operator(
             x, _float32(running_mean), _float32(running_var), _float32(ema_mean),
             _float32(ema_var), momentum, None, None,
         )  # fmt: skip
@@ -391,7 +417,8 @@ def batch_norm_with_stat_loss(
     if momentum == 0.0:
         ema_mean = ema_var = None
     parameters_need_grad = any(p is not None and p.requires_grad for p in (weight, bias))
-    if parameters_need_grad or not _use_kernel(x):
+    operator = None if parameters_need_grad else _kernel_operator(x)
+    if operator is None:
         # One upcast for both uses, so that x's gradient is summed in float32 and rounded once.
         wide = x.to(torch.promote_types(x.dtype, torch.float32))
         y = F.batch_norm(wide, running_mean, running_var, weight, bias, False, 0.0, eps).to(x.dtype)
@@ -403,7 +430,7 @@ def batch_norm_with_stat_loss(
     scale, shift = scale_shift or batch_norm_scale_shift(
         running_mean, running_var, weight, bias, eps
     )
-    loss, mean, var, y, _ = torch.ops.dfkd_fast.bn_stat_loss_triton(
+    loss, mean, var, y, _ = operator(
         x, _float32(running_mean), _float32(running_var), _float32(ema_mean), _float32(ema_var),
         momentum, scale, shift,
     )  # fmt: skip

@@ -1,0 +1,417 @@
+// CPU kernels of dfkd_fast::bn_stat_loss and dfkd_fast::bn_stat_loss_backward.
+//
+// x is (N, C, S) (S = prod of the spatial sizes). Per channel, the statistics are accumulated in
+// one pass as double-precision sums of x - K and (x - K)^2 with K = x[0, c, 0]: shifted, so that
+// large channel means do not cancel, and in double, so that the variance
+// ((sum of squares) - sum^2 / M) / M keeps float32 accuracy. The same pass can write the eval
+// BatchNorm output y = x * scale[c] + shift[c]. Channel-major layouts (NCHW) are split by channel;
+// channel-minor ones (channels_last, (N, C)) by fixed blocks of rows whose partial sums are added
+// in block order: results do not depend on the thread count. Backward is one elementwise pass.
+#include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <vector>
+
+#include "vectorize.h"
+
+namespace dfkd_fast {
+namespace bn_stats {
+namespace {
+
+using cpu::run_tasks;
+
+constexpr int kLanes = 8;
+constexpr int64_t kRowsPerBlock = 256;  // channel-minor layouts: rows per task
+constexpr int64_t kGrainElements = 1 << 16;
+
+struct Layout {
+  int64_t N, C, S;
+  int64_t stride_n, stride_c, stride_s;
+};
+
+struct ForwardArgs {
+  Layout x;
+  const void* data;
+  void* y;  // same strides as x, or null
+  const float* scale;
+  const float* shift;
+  double* sums;  // channel-major: (C, 2); channel-minor: (blocks, C, 2)
+};
+
+struct BackwardArgs {
+  Layout x;
+  const void* data;
+  const void* grad_y;  // same strides as x, or null
+  void* grad_x;        // same strides as x
+  const float* scale;
+  const float* mean;
+  const float* coefficient_mean;  // d loss / d x = coefficient_mean[c] + coefficient_var[c] (x - mean)
+  const float* coefficient_var;
+};
+
+// Channel-major: one channel per task, a contiguous run of S values per sample, summed in double
+// lanes.
+template <typename scalar_t, bool kWriteY>
+DFKD_ALWAYS_INLINE void forward_channel(const ForwardArgs& a, int64_t c) {
+  const auto* data = static_cast<const scalar_t*>(a.data);
+  auto* y = static_cast<scalar_t*>(a.y);
+  const float k = static_cast<float>(data[c * a.x.stride_c]);
+  const float scale = kWriteY ? a.scale[c] : 0.0f;
+  const float shift = kWriteY ? a.shift[c] : 0.0f;
+  double sum_lanes[kLanes] = {}, square_lanes[kLanes] = {};
+  for (int64_t n = 0; n < a.x.N; ++n) {
+    const int64_t offset = n * a.x.stride_n + c * a.x.stride_c;
+    const scalar_t* run = data + offset;
+    int64_t s = 0;
+    for (; s + kLanes <= a.x.S; s += kLanes) {
+      for (int lane = 0; lane < kLanes; ++lane) {
+        const float value = static_cast<float>(run[s + lane]);
+        const double d = static_cast<double>(value - k);
+        sum_lanes[lane] += d;
+        square_lanes[lane] += d * d;
+        if (kWriteY) {
+          y[offset + s + lane] = static_cast<scalar_t>(value * scale + shift);
+        }
+      }
+    }
+    for (int lane = 0; s < a.x.S; ++s, ++lane) {
+      const float value = static_cast<float>(run[s]);
+      const double d = static_cast<double>(value - k);
+      sum_lanes[lane] += d;
+      square_lanes[lane] += d * d;
+      if (kWriteY) {
+        y[offset + s] = static_cast<scalar_t>(value * scale + shift);
+      }
+    }
+  }
+  double sum = 0.0, squares = 0.0;
+  for (int lane = 0; lane < kLanes; ++lane) {
+    sum += sum_lanes[lane];
+    squares += square_lanes[lane];
+  }
+  a.sums[2 * c] = sum;
+  a.sums[2 * c + 1] = squares;
+}
+
+// Channel-minor: one block of rows (n, s) per task, C contiguous values per row, summed per
+// channel in double.
+template <typename scalar_t, bool kWriteY>
+DFKD_ALWAYS_INLINE void forward_rows(const ForwardArgs& a, int64_t block) {
+  const auto* data = static_cast<const scalar_t*>(a.data);
+  auto* y = static_cast<scalar_t*>(a.y);
+  const int64_t C = a.x.C;
+  double* sums = a.sums + block * C * 2;
+  std::vector<float> k(C);
+  std::vector<double> sum(C, 0.0), squares(C, 0.0);
+  for (int64_t c = 0; c < C; ++c) {
+    k[c] = static_cast<float>(data[c]);
+  }
+  const int64_t rows = a.x.N * a.x.S;
+  const int64_t last = std::min(rows, (block + 1) * kRowsPerBlock);
+  for (int64_t row = block * kRowsPerBlock; row < last; ++row) {
+    const int64_t n = row / a.x.S, s = row - (row / a.x.S) * a.x.S;
+    const int64_t offset = n * a.x.stride_n + s * a.x.stride_s;
+    for (int64_t c = 0; c < C; ++c) {
+      const float value = static_cast<float>(data[offset + c]);
+      const double d = static_cast<double>(value - k[c]);
+      sum[c] += d;
+      squares[c] += d * d;
+      if (kWriteY) {
+        y[offset + c] = static_cast<scalar_t>(value * a.scale[c] + a.shift[c]);
+      }
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    sums[2 * c] = sum[c];
+    sums[2 * c + 1] = squares[c];
+  }
+}
+
+template <typename scalar_t>
+DFKD_ALWAYS_INLINE void backward_channel(const BackwardArgs& a, int64_t c) {
+  const auto* data = static_cast<const scalar_t*>(a.data);
+  const auto* grad_y = static_cast<const scalar_t*>(a.grad_y);
+  auto* grad_x = static_cast<scalar_t*>(a.grad_x);
+  const float scale = a.scale != nullptr ? a.scale[c] : 0.0f;
+  const float mean = a.mean[c], coefficient_mean = a.coefficient_mean[c];
+  const float coefficient_var = a.coefficient_var[c];
+  for (int64_t n = 0; n < a.x.N; ++n) {
+    const int64_t offset = n * a.x.stride_n + c * a.x.stride_c;
+    for (int64_t s = 0; s < a.x.S; ++s) {
+      float grad = coefficient_mean +
+                   coefficient_var * (static_cast<float>(data[offset + s]) - mean);
+      if (grad_y != nullptr) {
+        grad += static_cast<float>(grad_y[offset + s]) * scale;
+      }
+      grad_x[offset + s] = static_cast<scalar_t>(grad);
+    }
+  }
+}
+
+template <typename scalar_t>
+DFKD_ALWAYS_INLINE void backward_rows(const BackwardArgs& a, int64_t block) {
+  const auto* data = static_cast<const scalar_t*>(a.data);
+  const auto* grad_y = static_cast<const scalar_t*>(a.grad_y);
+  auto* grad_x = static_cast<scalar_t*>(a.grad_x);
+  const int64_t rows = a.x.N * a.x.S;
+  const int64_t last = std::min(rows, (block + 1) * kRowsPerBlock);
+  for (int64_t row = block * kRowsPerBlock; row < last; ++row) {
+    const int64_t n = row / a.x.S, s = row - (row / a.x.S) * a.x.S;
+    const int64_t offset = n * a.x.stride_n + s * a.x.stride_s;
+    for (int64_t c = 0; c < a.x.C; ++c) {
+      float grad = a.coefficient_mean[c] +
+                   a.coefficient_var[c] * (static_cast<float>(data[offset + c]) - a.mean[c]);
+      if (grad_y != nullptr) {
+        grad += static_cast<float>(grad_y[offset + c]) * a.scale[c];
+      }
+      grad_x[offset + c] = static_cast<scalar_t>(grad);
+    }
+  }
+}
+
+template <typename scalar_t, bool kWriteY>
+DFKD_ALWAYS_INLINE void forward_tasks_for(const ForwardArgs& a, int64_t begin, int64_t end) {
+  const bool channel_major = a.x.stride_c != 1 || a.x.C == 1;
+  for (int64_t task = begin; task < end; ++task) {
+    channel_major ? forward_channel<scalar_t, kWriteY>(a, task)
+                  : forward_rows<scalar_t, kWriteY>(a, task);
+  }
+}
+
+template <typename scalar_t>
+DFKD_ALWAYS_INLINE void forward_tasks(const ForwardArgs& a, int64_t begin, int64_t end) {
+  a.y != nullptr ? forward_tasks_for<scalar_t, true>(a, begin, end)
+                 : forward_tasks_for<scalar_t, false>(a, begin, end);
+}
+
+template <typename scalar_t>
+DFKD_ALWAYS_INLINE void backward_tasks(const BackwardArgs& a, int64_t begin, int64_t end) {
+  const bool channel_major = a.x.stride_c != 1 || a.x.C == 1;
+  for (int64_t task = begin; task < end; ++task) {
+    channel_major ? backward_channel<scalar_t>(a, task) : backward_rows<scalar_t>(a, task);
+  }
+}
+
+DFKD_CPU_CLONES void forward_f32(const ForwardArgs& a, int64_t b, int64_t e) {
+  forward_tasks<float>(a, b, e);
+}
+DFKD_CPU_CLONES void forward_f16(const ForwardArgs& a, int64_t b, int64_t e) {
+  forward_tasks<c10::Half>(a, b, e);
+}
+DFKD_CPU_CLONES void forward_bf16(const ForwardArgs& a, int64_t b, int64_t e) {
+  forward_tasks<c10::BFloat16>(a, b, e);
+}
+DFKD_CPU_CLONES void backward_f32(const BackwardArgs& a, int64_t b, int64_t e) {
+  backward_tasks<float>(a, b, e);
+}
+DFKD_CPU_CLONES void backward_f16(const BackwardArgs& a, int64_t b, int64_t e) {
+  backward_tasks<c10::Half>(a, b, e);
+}
+DFKD_CPU_CLONES void backward_bf16(const BackwardArgs& a, int64_t b, int64_t e) {
+  backward_tasks<c10::BFloat16>(a, b, e);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Torch side
+// ---------------------------------------------------------------------------------------------
+
+int dtype_index(const at::Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      return 0;
+    case at::kHalf:
+      return 1;
+    case at::kBFloat16:
+      return 2;
+    default:
+      TORCH_CHECK_TYPE(false, "x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  }
+}
+
+// x as (N, C, S) in a layout the kernels handle: channel-major with contiguous S, or
+// channel-minor with contiguous C (channels_last, (N, C)); anything else is made contiguous.
+std::pair<at::Tensor, Layout> prepare(const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.dim() >= 2, "x must have shape (N, C, *), got ", x.sizes());
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "the C++ bn_stat_loss kernels take CPU tensors");
+  dtype_index(x);
+  const int64_t N = x.size(0), C = x.size(1), S = x.numel() / std::max<int64_t>(N * C, 1);
+  TORCH_CHECK_VALUE(N * S >= 2, "x must hold at least 2 values per channel, got shape ",
+                    x.sizes());
+  auto layout_of = [&](const at::Tensor& t) -> std::optional<Layout> {
+    const at::Tensor ncs = t.dim() == 2 ? t.unsqueeze(-1) : t.view({N, C, -1});
+    const Layout layout{N, C, S, ncs.stride(0), ncs.stride(1), ncs.stride(2)};
+    const bool channel_major = layout.stride_s == 1 || S == 1;
+    const bool channel_minor = layout.stride_c == 1 && (S == 1 || layout.stride_s == C) &&
+                               layout.stride_n == S * C;
+    if (channel_minor || (channel_major && layout.stride_c != 1) ||
+        (channel_major && C == 1)) {
+      return layout;
+    }
+    return std::nullopt;
+  };
+  std::optional<Layout> layout;
+  if (x.is_non_overlapping_and_dense()) {  // outputs allocated like x then share its strides
+    try {
+      layout = layout_of(x);
+    } catch (const c10::Error&) {  // no (N, C, S) view of these strides
+    }
+  }
+  if (layout.has_value()) {
+    return {x, *layout};
+  }
+  const at::Tensor contiguous = x.contiguous();
+  return {contiguous, *layout_of(contiguous)};
+}
+
+at::Tensor channel_vector(const std::optional<at::Tensor>& value, int64_t C, const char* name) {
+  if (!value.has_value()) {
+    return at::Tensor();
+  }
+  TORCH_CHECK_VALUE(value->dim() == 1 && value->size(0) == C, name, " must have shape (", C,
+                    "), got ", value->sizes());
+  return value->to(at::kFloat).contiguous();
+}
+
+int64_t tasks_for(const Layout& layout) {
+  const bool channel_major = layout.stride_c != 1 || layout.C == 1;
+  return channel_major ? layout.C : (layout.N * layout.S + kRowsPerBlock - 1) / kRowsPerBlock;
+}
+
+int64_t grain_for(const Layout& layout) {
+  const int64_t per_task = layout.N * layout.S * layout.C / std::max<int64_t>(tasks_for(layout), 1);
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(per_task, 1));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_stat_loss_cpu(
+    const at::Tensor& x_in, const std::optional<at::Tensor>& running_mean_in,
+    const std::optional<at::Tensor>& running_var_in, const std::optional<at::Tensor>& ema_mean_in,
+    const std::optional<at::Tensor>& ema_var_in, double momentum,
+    const std::optional<at::Tensor>& scale_in, const std::optional<at::Tensor>& shift_in) {
+  auto [x, layout] = prepare(x_in);
+  const int64_t C = layout.C;
+  const at::Tensor running_mean = channel_vector(running_mean_in, C, "running_mean");
+  const at::Tensor running_var = channel_vector(running_var_in, C, "running_var");
+  const at::Tensor ema_mean = channel_vector(ema_mean_in, C, "ema_mean");
+  const at::Tensor ema_var = channel_vector(ema_var_in, C, "ema_var");
+  const at::Tensor scale = channel_vector(scale_in, C, "scale");
+  const at::Tensor shift = channel_vector(shift_in, C, "shift");
+  TORCH_CHECK_VALUE(running_mean.defined() == running_var.defined(),
+                    "running_mean and running_var go together");
+  TORCH_CHECK_VALUE(scale.defined() == shift.defined(), "scale and shift go together");
+  TORCH_CHECK_VALUE(ema_mean.defined() == ema_var.defined(), "ema_mean and ema_var go together");
+
+  const auto float_options = x.options().dtype(at::kFloat);
+  at::Tensor y = scale.defined() ? at::empty_like(x) : at::empty({0}, x.options());
+  const int64_t tasks = tasks_for(layout);
+  const bool channel_major = layout.stride_c != 1 || C == 1;
+  at::Tensor sums = at::empty({channel_major ? C : tasks * C, 2}, x.options().dtype(at::kDouble));
+  const ForwardArgs args{layout,
+                         x.data_ptr(),
+                         scale.defined() ? y.data_ptr() : nullptr,
+                         scale.defined() ? scale.data_ptr<float>() : nullptr,
+                         scale.defined() ? shift.data_ptr<float>() : nullptr,
+                         sums.data_ptr<double>()};
+  run_tasks(args, dtype_index(x), tasks, grain_for(layout), {forward_f32, forward_f16, forward_bf16});
+
+  // Per channel: sums over the blocks in order, then mean and biased variance.
+  const at::Tensor totals = channel_major ? sums : sums.view({tasks, C, 2}).sum(0);
+  const double count = static_cast<double>(layout.N * layout.S);
+  const at::Tensor shifted_mean = totals.select(1, 0) / count;
+  const at::Tensor var64 = (totals.select(1, 1) / count - shifted_mean * shifted_mean).clamp_min(0);
+  at::Tensor k = x.view({layout.N, C, -1}).select(0, 0).select(1, 0).to(at::kDouble);
+  const at::Tensor mean = (shifted_mean + k).to(at::kFloat);
+  const at::Tensor var = var64.to(at::kFloat);
+
+  at::Tensor loss = at::empty({0}, float_options), norms = at::empty({0}, float_options);
+  if (running_mean.defined()) {
+    at::Tensor blended_mean = mean, blended_var = var;
+    if (ema_mean.defined()) {
+      blended_mean = mean * (1.0 - momentum) + ema_mean * momentum;
+      blended_var = var * (1.0 - momentum) + ema_var * momentum;
+    }
+    norms = at::stack({at::linalg_vector_norm(blended_mean - running_mean),
+                       at::linalg_vector_norm(blended_var - running_var)});
+    loss = norms.sum();
+  }
+  return {loss, mean, var, y, norms};
+}
+
+at::Tensor bn_stat_loss_backward_cpu(
+    const at::Tensor& x_in, const at::Tensor& mean, const at::Tensor& var, const at::Tensor& norms,
+    const std::optional<at::Tensor>& running_mean_in,
+    const std::optional<at::Tensor>& running_var_in, const std::optional<at::Tensor>& ema_mean_in,
+    const std::optional<at::Tensor>& ema_var_in, double momentum,
+    const std::optional<at::Tensor>& scale_in, const std::optional<at::Tensor>& grad_loss,
+    const std::optional<at::Tensor>& grad_mean, const std::optional<at::Tensor>& grad_var,
+    const std::optional<at::Tensor>& grad_y_in) {
+  auto [x, layout] = prepare(x_in);
+  const int64_t C = layout.C;
+  const double count = static_cast<double>(layout.N * layout.S);
+  const at::Tensor mean32 = channel_vector(mean, C, "mean");
+  // d loss / d mean and d loss / d var, then the per-channel coefficients of the elementwise pass.
+  at::Tensor g_mean = grad_mean.has_value() ? channel_vector(grad_mean, C, "grad_mean")
+                                            : at::zeros({C}, mean32.options());
+  at::Tensor g_var = grad_var.has_value() ? channel_vector(grad_var, C, "grad_var")
+                                          : at::zeros({C}, mean32.options());
+  if (grad_loss.has_value()) {
+    const at::Tensor running_mean = channel_vector(running_mean_in, C, "running_mean");
+    const at::Tensor running_var = channel_vector(running_var_in, C, "running_var");
+    TORCH_CHECK_VALUE(running_mean.defined() && norms.numel() == 2,
+                      "grad_loss needs the running statistics and the forward's norms");
+    const at::Tensor ema_mean = channel_vector(ema_mean_in, C, "ema_mean");
+    const at::Tensor ema_var = channel_vector(ema_var_in, C, "ema_var");
+    at::Tensor blended_mean = mean32, blended_var = channel_vector(var, C, "var");
+    const double weight = ema_mean.defined() ? 1.0 - momentum : 1.0;
+    if (ema_mean.defined()) {
+      blended_mean = blended_mean * (1.0 - momentum) + ema_mean * momentum;
+      blended_var = blended_var * (1.0 - momentum) + ema_var * momentum;
+    }
+    const at::Tensor norms32 = norms.to(at::kFloat);
+    const at::Tensor g = grad_loss->to(at::kFloat) * weight;
+    // A zero norm contributes no gradient.
+    const at::Tensor safe_norms = at::where(norms32 > 0, norms32, at::ones_like(norms32));
+    const at::Tensor live = (norms32 > 0).to(at::kFloat);
+    g_mean = g_mean + g * live[0] * (blended_mean - running_mean) / safe_norms[0];
+    g_var = g_var + g * live[1] * (blended_var - running_var) / safe_norms[1];
+  }
+  const at::Tensor coefficient_mean = (g_mean / count).contiguous();
+  const at::Tensor coefficient_var = (g_var * (2.0 / count)).contiguous();
+  const at::Tensor scale = channel_vector(scale_in, C, "scale");
+  at::Tensor grad_y;
+  if (grad_y_in.has_value()) {
+    TORCH_CHECK_VALUE(scale.defined() && grad_y_in->sizes() == x.sizes(),
+                      "grad_y needs scale and the shape of x");
+    grad_y = grad_y_in->to(x.scalar_type());
+    if (grad_y.strides() != x.strides()) {
+      grad_y = at::empty_like(x).copy_(grad_y);
+    }
+  }
+  at::Tensor grad_x = at::empty_like(x);
+  TORCH_INTERNAL_ASSERT(grad_x.strides() == x.strides());
+  const BackwardArgs args{layout,
+                          x.data_ptr(),
+                          grad_y.defined() ? grad_y.data_ptr() : nullptr,
+                          grad_x.data_ptr(),
+                          scale.defined() ? scale.data_ptr<float>() : nullptr,
+                          mean32.data_ptr<float>(),
+                          coefficient_mean.data_ptr<float>(),
+                          coefficient_var.data_ptr<float>()};
+  run_tasks(args, dtype_index(x), tasks_for(layout), grain_for(layout),
+            {backward_f32, backward_f16, backward_bf16});
+  return grad_x;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dfkd_fast, CPU, m) {
+  m.impl("bn_stat_loss", &bn_stat_loss_cpu);
+  m.impl("bn_stat_loss_backward", &bn_stat_loss_backward_cpu);
+}
+
+}  // namespace bn_stats
+}  // namespace dfkd_fast
