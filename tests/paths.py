@@ -6,6 +6,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 import dfkd_fast
@@ -48,3 +49,14 @@ def on_path(path: Path, op_name: str, monkeypatch):
         chosen = choose_implementation(op_name, KernelKind.TRITON, path.device, torch.float32)
         assert chosen is path.expected, (path, chosen)
         yield path
+
+
+def path_fixture(op_name: str, has_cpu_kernel: bool):
+    """A `path` fixture that runs each test on every path of `op_name`."""
+
+    @pytest.fixture(params=triton_op_paths(has_cpu_kernel), ids=str)
+    def path(request, monkeypatch):
+        with on_path(request.param, op_name, monkeypatch) as chosen:
+            yield chosen
+
+    return path

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import dfkd_fast
 from dfkd_fast.ops.bn_stats import bn_stats_reference, statistics_loss_reference
 
-from .paths import CUDA_AVAILABLE, INTERPRETER, on_path, triton_op_paths
+from .paths import CUDA_AVAILABLE, INTERPRETER, path_fixture
 from .tolerances import BN_GRAD, BN_LOSS, BN_OUTPUT, BN_STATS
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -26,10 +26,7 @@ SHAPES = [
 ]
 
 
-@pytest.fixture(params=triton_op_paths(has_cpu_kernel=True), ids=str)
-def path(request, monkeypatch):
-    with on_path(request.param, "bn_stat_loss", monkeypatch) as chosen:
-        yield chosen
+path = path_fixture("bn_stat_loss", has_cpu_kernel=True)
 
 
 def make_activation(shape, channels_last, dtype, device, seed=0):

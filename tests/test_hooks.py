@@ -13,15 +13,12 @@ from dfkd_fast.hooks import batchnorm_layers
 from dfkd_fast.models import cifar_resnet, load_pretrained_cifar_resnet, small_cnn
 from dfkd_fast.ops.bn_stats import bn_stats_reference, statistics_loss_reference
 
-from .paths import on_path, triton_op_paths
+from .paths import path_fixture
 from .shared import pretrained_resnet_path
 from .tolerances import BN_LOSS, NETWORK
 
 
-@pytest.fixture(params=triton_op_paths(has_cpu_kernel=True), ids=str)
-def path(request, monkeypatch):
-    with on_path(request.param, "bn_stat_loss", monkeypatch) as chosen:
-        yield chosen
+path = path_fixture("bn_stat_loss", has_cpu_kernel=True)
 
 
 def frozen(model: nn.Module, device) -> nn.Module:

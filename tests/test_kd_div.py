@@ -13,17 +13,14 @@ import dfkd_fast
 from dfkd_fast.backend import Implementation, KernelKind, choose_implementation
 from dfkd_fast.ops.kd_div import REDUCTIONS, kd_div_reference
 
-from .paths import CUDA_AVAILABLE, INTERPRETER, on_path, triton_op_paths
+from .paths import CUDA_AVAILABLE, INTERPRETER, path_fixture
 from .tolerances import JS_GRAD, KD_GRAD, KD_LOSS
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FUNCTIONS = {"kl": dfkd_fast.kd_div, "js": dfkd_fast.js_div}
 
 
-@pytest.fixture(params=triton_op_paths(has_cpu_kernel=True), ids=str)
-def path(request, monkeypatch):
-    with on_path(request.param, "kd_div", monkeypatch) as chosen:
-        yield chosen
+path = path_fixture("kd_div", has_cpu_kernel=True)
 
 
 def make_logits(shape, dtype, device, seed, scale=3.0):

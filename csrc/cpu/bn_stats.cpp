@@ -17,7 +17,7 @@
 #include <optional>
 #include <vector>
 
-#include "vectorize.h"
+#include "common.h"
 
 namespace dfkd_fast {
 namespace bn_stats {
@@ -197,48 +197,19 @@ DFKD_ALWAYS_INLINE void backward_tasks(const BackwardArgs& a, int64_t begin, int
   }
 }
 
-DFKD_CPU_CLONES void forward_f32(const ForwardArgs& a, int64_t b, int64_t e) {
-  forward_tasks<float>(a, b, e);
-}
-DFKD_CPU_CLONES void forward_f16(const ForwardArgs& a, int64_t b, int64_t e) {
-  forward_tasks<c10::Half>(a, b, e);
-}
-DFKD_CPU_CLONES void forward_bf16(const ForwardArgs& a, int64_t b, int64_t e) {
-  forward_tasks<c10::BFloat16>(a, b, e);
-}
-DFKD_CPU_CLONES void backward_f32(const BackwardArgs& a, int64_t b, int64_t e) {
-  backward_tasks<float>(a, b, e);
-}
-DFKD_CPU_CLONES void backward_f16(const BackwardArgs& a, int64_t b, int64_t e) {
-  backward_tasks<c10::Half>(a, b, e);
-}
-DFKD_CPU_CLONES void backward_bf16(const BackwardArgs& a, int64_t b, int64_t e) {
-  backward_tasks<c10::BFloat16>(a, b, e);
-}
+DFKD_DTYPE_CLONES(forward_kernels, ForwardArgs, forward_tasks)
+DFKD_DTYPE_CLONES(backward_kernels, BackwardArgs, backward_tasks)
 
 // ---------------------------------------------------------------------------------------------
 // Torch side
 // ---------------------------------------------------------------------------------------------
-
-int dtype_index(const at::Tensor& x) {
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      return 0;
-    case at::kHalf:
-      return 1;
-    case at::kBFloat16:
-      return 2;
-    default:
-      TORCH_CHECK_TYPE(false, "x must be float32, float16 or bfloat16, got ", x.scalar_type());
-  }
-}
 
 // x as (N, C, S) in a layout the kernels handle: channel-major with contiguous S, or
 // channel-minor with contiguous C (channels_last, (N, C)); anything else is made contiguous.
 std::pair<at::Tensor, Layout> prepare(const at::Tensor& x) {
   TORCH_CHECK_VALUE(x.dim() >= 2, "x must have shape (N, C, *), got ", x.sizes());
   TORCH_CHECK_VALUE(x.device().is_cpu(), "the C++ bn_stat_loss kernels take CPU tensors");
-  dtype_index(x);
+  cpu::dtype_index(x, "x");
   const int64_t N = x.size(0), C = x.size(1), S = x.numel() / std::max<int64_t>(N * C, 1);
   TORCH_CHECK_VALUE(N * S >= 2, "x must hold at least 2 values per channel, got shape ",
                     x.sizes());
@@ -316,7 +287,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_stat_l
                          scale.defined() ? scale.data_ptr<float>() : nullptr,
                          scale.defined() ? shift.data_ptr<float>() : nullptr,
                          sums.data_ptr<double>()};
-  run_tasks(args, dtype_index(x), tasks, grain_for(layout), {forward_f32, forward_f16, forward_bf16});
+  run_tasks(args, cpu::dtype_index(x, "x"), tasks, grain_for(layout), forward_kernels);
 
   // Per channel: sums over the blocks in order, then mean and biased variance.
   const at::Tensor totals = channel_major ? sums : sums.view({tasks, C, 2}).sum(0);
@@ -401,8 +372,8 @@ at::Tensor bn_stat_loss_backward_cpu(
                           mean32.data_ptr<float>(),
                           coefficient_mean.data_ptr<float>(),
                           coefficient_var.data_ptr<float>()};
-  run_tasks(args, dtype_index(x), tasks_for(layout), grain_for(layout),
-            {backward_f32, backward_f16, backward_bf16});
+  run_tasks(args, cpu::dtype_index(x, "x"), tasks_for(layout), grain_for(layout),
+            backward_kernels);
   return grad_x;
 }
 

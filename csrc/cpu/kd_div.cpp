@@ -15,7 +15,7 @@
 #include <limits>
 
 #include "../float_math.h"
-#include "vectorize.h"
+#include "common.h"
 
 namespace dfkd_fast {
 namespace kd_div {
@@ -250,24 +250,8 @@ DFKD_ALWAYS_INLINE void backward_rows(const BackwardArgs& a, int64_t begin, int6
   }
 }
 
-DFKD_CPU_CLONES void forward_f32(const ForwardArgs& a, int64_t b, int64_t e) {
-  forward_rows<float>(a, b, e);
-}
-DFKD_CPU_CLONES void forward_f16(const ForwardArgs& a, int64_t b, int64_t e) {
-  forward_rows<c10::Half>(a, b, e);
-}
-DFKD_CPU_CLONES void forward_bf16(const ForwardArgs& a, int64_t b, int64_t e) {
-  forward_rows<c10::BFloat16>(a, b, e);
-}
-DFKD_CPU_CLONES void backward_f32(const BackwardArgs& a, int64_t b, int64_t e) {
-  backward_rows<float>(a, b, e);
-}
-DFKD_CPU_CLONES void backward_f16(const BackwardArgs& a, int64_t b, int64_t e) {
-  backward_rows<c10::Half>(a, b, e);
-}
-DFKD_CPU_CLONES void backward_bf16(const BackwardArgs& a, int64_t b, int64_t e) {
-  backward_rows<c10::BFloat16>(a, b, e);
-}
+DFKD_DTYPE_CLONES(forward_kernels, ForwardArgs, forward_rows)
+DFKD_DTYPE_CLONES(backward_kernels, BackwardArgs, backward_rows)
 
 // ---------------------------------------------------------------------------------------------
 // Torch side: checks, layout, reduction
@@ -304,20 +288,6 @@ double reduction_factor(Reduction reduction, int64_t rows, int64_t cols) {
   return 1.0;
 }
 
-int dtype_index(const at::Tensor& logits) {
-  switch (logits.scalar_type()) {
-    case at::kFloat:
-      return 0;
-    case at::kHalf:
-      return 1;
-    case at::kBFloat16:
-      return 2;
-    default:
-      TORCH_CHECK_TYPE(false, "logits must be float32, float16 or bfloat16, got ",
-                       logits.scalar_type());
-  }
-}
-
 // Contiguous logits of one dtype (float32 when student and teacher differ).
 std::pair<at::Tensor, at::Tensor> prepare_logits(const at::Tensor& student,
                                                  const at::Tensor& teacher) {
@@ -326,8 +296,8 @@ std::pair<at::Tensor, at::Tensor> prepare_logits(const at::Tensor& student,
                     student.sizes(), " and ", teacher.sizes());
   TORCH_CHECK_VALUE(student.device().is_cpu() && teacher.device().is_cpu(),
                     "the C++ kd_div kernels take CPU tensors");
-  dtype_index(student);
-  dtype_index(teacher);
+  cpu::dtype_index(student, "student_logits");
+  cpu::dtype_index(teacher, "teacher_logits");
   if (student.scalar_type() != teacher.scalar_type()) {
     return {student.to(at::kFloat).contiguous(), teacher.to(at::kFloat).contiguous()};
   }
@@ -374,7 +344,7 @@ std::tuple<at::Tensor, at::Tensor> kd_div_cpu(const at::Tensor& student, const a
                          static_cast<float>(1.0 / temperature),
                          static_cast<float>(temperature * temperature),
                          js};
-  run_tasks(args, dtype_index(s), rows, grain_rows(cols), {forward_f32, forward_f16, forward_bf16});
+  run_tasks(args, cpu::dtype_index(s, "logits"), rows, grain_rows(cols), forward_kernels);
   if (mode == Reduction::kNone) {
     return {row_loss, stats};
   }
@@ -421,8 +391,7 @@ std::tuple<at::Tensor, at::Tensor> kd_div_backward_cpu(
         static_cast<float>(1.0 / temperature),
         static_cast<float>(temperature * reduction_factor(mode, rows, cols)),
         js};
-    run_tasks(args, dtype_index(s), rows, grain_rows(cols),
-              {backward_f32, backward_f16, backward_bf16});
+    run_tasks(args, cpu::dtype_index(s, "logits"), rows, grain_rows(cols), backward_kernels);
   }
   // Mixed-dtype inputs were computed in float32: hand each gradient back in its input's dtype.
   if (need_student && grad_s.scalar_type() != student.scalar_type()) {

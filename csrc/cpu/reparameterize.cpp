@@ -11,7 +11,7 @@
 #include <algorithm>
 
 #include "../reparameterize_torch.h"
-#include "vectorize.h"
+#include "common.h"
 
 namespace dfkd_fast {
 namespace reparameterize {
@@ -157,24 +157,8 @@ DFKD_ALWAYS_INLINE void backward_tasks(const BackwardArgs& args, int64_t begin, 
   }
 }
 
-DFKD_CPU_CLONES void forward_tasks_f32(const ForwardArgs& a, int64_t b, int64_t e) {
-  forward_tasks<float>(a, b, e);
-}
-DFKD_CPU_CLONES void forward_tasks_f16(const ForwardArgs& a, int64_t b, int64_t e) {
-  forward_tasks<c10::Half>(a, b, e);
-}
-DFKD_CPU_CLONES void forward_tasks_bf16(const ForwardArgs& a, int64_t b, int64_t e) {
-  forward_tasks<c10::BFloat16>(a, b, e);
-}
-DFKD_CPU_CLONES void backward_tasks_f32(const BackwardArgs& a, int64_t b, int64_t e) {
-  backward_tasks<float>(a, b, e);
-}
-DFKD_CPU_CLONES void backward_tasks_f16(const BackwardArgs& a, int64_t b, int64_t e) {
-  backward_tasks<c10::Half>(a, b, e);
-}
-DFKD_CPU_CLONES void backward_tasks_bf16(const BackwardArgs& a, int64_t b, int64_t e) {
-  backward_tasks<c10::BFloat16>(a, b, e);
-}
+DFKD_DTYPE_CLONES(forward_kernels, ForwardArgs, forward_tasks)
+DFKD_DTYPE_CLONES(backward_kernels, BackwardArgs, backward_tasks)
 
 int64_t grain_tasks(int64_t elements_per_task) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, elements_per_task));
@@ -194,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_cpu(const at::Tensor& mu,
   const int64_t tasks = num_samples * args.rows * args.kl_parts_per_row;
   const int64_t task_elements = std::min(args.row_size, kElementsPerTask);
   run_tasks(args, static_cast<int>(args.dtype), tasks, grain_tasks(task_elements),
-            {forward_tasks_f32, forward_tasks_f16, forward_tasks_bf16});
+            forward_kernels);
   return {b.z, b.kl()};
 }
 
@@ -206,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_backward_cpu(
   const int64_t parts = parts_per_row(args.row_size);
   const int64_t task_elements = std::min(args.row_size, kElementsPerTask) * args.num_samples;
   run_tasks(args, static_cast<int>(args.dtype), args.rows * parts, grain_tasks(task_elements),
-            {backward_tasks_f32, backward_tasks_f16, backward_tasks_bf16});
+            backward_kernels);
   return {b.grad_mu, b.grad_logvar};
 }
 

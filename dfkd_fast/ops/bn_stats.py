@@ -21,9 +21,7 @@ the test oracle and the fallback for float64 or a missing extension.
 
 from __future__ import annotations
 
-import importlib
 import math
-import os
 from typing import Optional
 
 import torch
@@ -31,11 +29,11 @@ import torch.nn.functional as F
 
 from dfkd_fast import _extension
 from dfkd_fast.backend import (
-    TRITON_INTERPRET_ENV_VAR,
     Implementation,
     KernelKind,
     choose_implementation,
 )
+from dfkd_fast.ops import _triton
 
 __all__ = [
     "batch_norm_scale_shift",
@@ -87,21 +85,6 @@ def statistics_loss_reference(
 # --------------------------------------------------------------------------------------------
 
 
-def _kernels():
-    try:
-        return importlib.import_module("dfkd_fast.ops.bn_stats_triton")
-    except ImportError as error:
-        raise RuntimeError(f"dfkd_fast.bn_stats needs Triton for this device: {error}") from None
-
-
-def _check_triton_device(tensor: torch.Tensor) -> None:
-    if tensor.device.type == "cpu" and os.environ.get(TRITON_INTERPRET_ENV_VAR) != "1":
-        raise RuntimeError(
-            "the Triton bn_stats kernels run on CPU tensors only under TRITON_INTERPRET=1; "
-            "dfkd_fast.bn_stats runs the reference on CPU otherwise"
-        )
-
-
 def _as_ncs(tensor: torch.Tensor) -> torch.Tensor:
     """A (N, C, S) view of a (N, C, *) tensor (S = 1 for (N, C)); raises if no view exists."""
     if tensor.dim() == 2:
@@ -130,10 +113,10 @@ def _bn_stat_loss_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, mean, var, y, norms). Channel vectors are float32. loss (0-d) and norms (2,) are
     empty without running statistics; y = x * scale[c] + shift[c] is empty without scale."""
-    _check_triton_device(x)
+    _triton.check_device(x, OP_NAME)
     x = _viewable_as_ncs(x)
     y = _viewable_as_ncs(torch.empty_like(x)) if scale is not None else x.new_empty(0)
-    loss, mean, var, norms = _kernels().forward(
+    loss, mean, var, norms = _triton.kernel_module("bn_stats_triton", OP_NAME).forward(
         _as_ncs(x), running_mean, running_var, ema_mean, ema_var, momentum,
         scale, shift, _as_ncs(y) if scale is not None else None,
     )  # fmt: skip
@@ -168,7 +151,7 @@ def _bn_stat_loss_triton_backward(
     grad_var: Optional[torch.Tensor],
     grad_y: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    _check_triton_device(x)
+    _triton.check_device(x, OP_NAME)
     channels = x.shape[1]
     for name, vector in (("mean", mean), ("var", var), ("grad_mean", grad_mean),
                          ("grad_var", grad_var), ("running_mean", running_mean),
@@ -182,7 +165,7 @@ def _bn_stat_loss_triton_backward(
         raise ValueError("grad_y needs scale and the shape of x")
     x = _viewable_as_ncs(x)
     grad_x = _viewable_as_ncs(torch.empty_like(x))
-    _kernels().backward(
+    _triton.kernel_module("bn_stats_triton", OP_NAME).backward(
         _as_ncs(x), mean, var, norms, running_mean, running_var, ema_mean, ema_var, momentum,
         scale,
         None if grad_loss is None else grad_loss.float(),

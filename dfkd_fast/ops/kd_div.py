@@ -20,9 +20,7 @@ oracle and the fallback for float64 or a missing extension.
 
 from __future__ import annotations
 
-import importlib
 import math
-import os
 from typing import Optional
 
 import torch
@@ -31,11 +29,11 @@ import torch.nn.functional as F
 from dfkd_fast import _extension
 from dfkd_fast.backend import (
     KERNEL_DTYPES,
-    TRITON_INTERPRET_ENV_VAR,
     Implementation,
     KernelKind,
     choose_implementation,
 )
+from dfkd_fast.ops import _triton
 
 __all__ = ["kd_div", "js_div", "kd_div_reference", "REDUCTIONS", "DIVERGENCES"]
 
@@ -129,23 +127,6 @@ def kd_div_reference(
 # --------------------------------------------------------------------------------------------
 
 
-def _kernels():
-    interpreted = os.environ.get(TRITON_INTERPRET_ENV_VAR) == "1"
-    try:
-        return importlib.import_module("dfkd_fast.ops.kd_div_triton")
-    except ImportError as error:
-        where = "the Triton interpreter" if interpreted else "CUDA tensors"
-        raise RuntimeError(f"dfkd_fast.kd_div needs Triton for {where}: {error}") from None
-
-
-def _check_triton_device(tensor: torch.Tensor) -> None:
-    if tensor.device.type == "cpu" and os.environ.get(TRITON_INTERPRET_ENV_VAR) != "1":
-        raise RuntimeError(
-            "the Triton kd_div kernels run on CPU tensors only under TRITON_INTERPRET=1; "
-            "CPU tensors otherwise use dfkd_fast::kd_div (dfkd_fast.kd_div picks it)"
-        )
-
-
 @torch.library.custom_op("dfkd_fast::kd_div_triton", mutates_args=())
 def _kd_div_triton(
     student: torch.Tensor,
@@ -155,8 +136,8 @@ def _kd_div_triton(
     reduction: str,
     divergence: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_triton_device(student)
-    return _kernels().forward(student, teacher, weight, temperature, reduction, divergence == "js")
+    _triton.check_device(student, OP_NAME)
+    return _triton.kernel_module("kd_div_triton", OP_NAME).forward(student, teacher, weight, temperature, reduction, divergence == "js")
 
 
 @torch.library.custom_op("dfkd_fast::kd_div_triton_backward", mutates_args=())
@@ -172,8 +153,8 @@ def _kd_div_triton_backward(
     need_student: bool,
     need_teacher: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_triton_device(student)
-    return _kernels().backward(
+    _triton.check_device(student, OP_NAME)
+    return _triton.kernel_module("kd_div_triton", OP_NAME).backward(
         grad_loss, student, teacher, weight, stats, temperature, reduction,
         divergence == "js", need_student, need_teacher,
     )  # fmt: skip

@@ -2,7 +2,10 @@
 // vectorises in a fixed order, and a parallel task runner that picks the clone set of a dtype.
 #pragma once
 
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <cstdint>
 
@@ -47,9 +50,24 @@ DFKD_ALWAYS_INLINE float sum_lanes(const float* lanes) {
   return total;
 }
 
-// One task function per dtype (float32, float16, bfloat16), as built with DFKD_CPU_CLONES.
+// Tasks [begin, end) of a kernel, for one dtype.
 template <typename Args>
 using TaskFunction = void (*)(const Args&, int64_t, int64_t);
+
+// Index of a kernel dtype in the tables DFKD_DTYPE_CLONES builds.
+inline int dtype_index(const at::Tensor& tensor, const char* name) {
+  switch (tensor.scalar_type()) {
+    case at::kFloat:
+      return 0;
+    case at::kHalf:
+      return 1;
+    case at::kBFloat16:
+      return 2;
+    default:
+      TORCH_CHECK_TYPE(false, name, " must be float32, float16 or bfloat16, got ",
+                       tensor.scalar_type());
+  }
+}
 
 // Runs tasks [0, tasks) in parallel with the function of `dtype_index`.
 template <typename Args>
@@ -62,3 +80,17 @@ void run_tasks(const Args& args, int dtype_index, int64_t tasks, int64_t grain,
 
 }  // namespace cpu
 }  // namespace dfkd_fast
+
+// Defines `table`, the TaskFunction<Args>[3] of `kernel<T>` for float, Half and BFloat16, each
+// compiled with DFKD_CPU_CLONES (so that `kernel`, if DFKD_ALWAYS_INLINE, is built per clone).
+#define DFKD_DTYPE_CLONES(table, Args, kernel)                                             \
+  DFKD_CPU_CLONES void table##_f32(const Args& a, int64_t begin, int64_t end) {            \
+    kernel<float>(a, begin, end);                                                          \
+  }                                                                                        \
+  DFKD_CPU_CLONES void table##_f16(const Args& a, int64_t begin, int64_t end) {            \
+    kernel<c10::Half>(a, begin, end);                                                      \
+  }                                                                                        \
+  DFKD_CPU_CLONES void table##_bf16(const Args& a, int64_t begin, int64_t end) {           \
+    kernel<c10::BFloat16>(a, begin, end);                                                  \
+  }                                                                                        \
+  const ::dfkd_fast::cpu::TaskFunction<Args> table[3] = {table##_f32, table##_f16, table##_bf16};
