@@ -114,7 +114,7 @@ def _readme_commands() -> list[str]:
 
 def test_ci_runs_the_readme_test_command():
     setup_and_run, setup_and_test = _readme_commands()
-    assert setup_and_run.endswith("dfkd-fast demo")
+    assert setup_and_run.endswith("dfkd-fast distill --resume")
     assert setup_and_test.endswith("python3 -m pytest")
     ci_script = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
     assert setup_and_test in ci_script.splitlines()

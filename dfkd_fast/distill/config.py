@@ -1,0 +1,145 @@
+"""The configuration of a distillation run: one frozen dataclass, validated on construction, and
+the presets that make its defaults sound for the shipped examples."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+METHODS = ("adversarial", "pre-dfkd", "memory-bank")
+
+# Fields that change what a run computes are compared on --resume; these do not.
+RESUMABLE_CHANGES = frozenset({"eval_every", "checkpoint_every"})
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Every weight, rate and ratio of a data-free distillation run.
+
+    One *step* is one generator update followed by ``student_steps`` student updates (and, for
+    the replay methods, one update of the replay memory)."""
+
+    method: str = "pre-dfkd"
+    steps: int = 800
+    student_steps: int = 5
+    batch_size: int = 256
+    seed: int = 0
+    # generator: DAFL/DCGAN-style, Adam
+    latent_dim: int = 100
+    generator_width: int = 16
+    generator_lr: float = 1e-3
+    # student: SGD with momentum 0.9, cosine decay to 0 over the run
+    student_lr: float = 0.1
+    student_weight_decay: float = 5e-4
+    temperature: float = 1.0
+    # generator loss: bn * BN-statistic matching + confidence * CE(teacher, argmax teacher)
+    #   + balance * (negative entropy of the mean teacher prediction) - adversarial * JS(student, teacher)
+    bn_weight: float = 1.0
+    first_bn_multiplier: float = 10.0
+    bn_momentum: float = 0.0  # Fast-DFKD's EMA blending of batch statistics (0: off)
+    confidence_weight: float = 1.0
+    balance_weight: float = 5.0
+    adversarial_weight: float = 1.0
+    # replay (pre-dfkd, memory-bank): this fraction of every student batch is replayed, from
+    # replay_start (a fraction of the run) on
+    replay_fraction: float = 0.5
+    replay_start: float = 0.1
+    # pre-dfkd's VAE: loss = pixel MSE + vae_output_weight * KD(teacher(recon), teacher(x))
+    #   + vae_kl_weight * KL / pixels; it also rehearses its own samples (vae_self_replay of a batch)
+    vae_latent_dim: int = 64
+    vae_width: int = 32
+    vae_lr: float = 1e-3
+    vae_output_weight: float = 1.0
+    vae_kl_weight: float = 0.1
+    vae_self_replay: float = 0.5
+    # memory-bank: the number of past synthetic images kept
+    memory_bank_size: int = 10240
+    # engine
+    eval_every: int = 50
+    checkpoint_every: int = 100
+    device: str = "cpu"
+    amp: bool = True  # bfloat16 autocast on CUDA
+    channels_last: bool = False
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+                raise TypeError(f"{field.name} must be an int, got {value!r}")
+            if field.type == "float":
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise TypeError(f"{field.name} must be a number, got {value!r}")
+                if not math.isfinite(value) or value < 0:
+                    raise ValueError(f"{field.name} must be finite and >= 0, got {value!r}")
+        positive = ("steps", "student_steps", "batch_size", "latent_dim", "generator_width",
+                    "vae_latent_dim", "vae_width", "memory_bank_size", "eval_every",
+                    "checkpoint_every")  # fmt: skip
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("generator_lr", "student_lr", "temperature", "vae_lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("replay_fraction", "replay_start", "vae_self_replay", "bn_momentum"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2 (batch statistics), got {self.batch_size}")
+
+    @property
+    def uses_replay(self) -> bool:
+        return self.method != "adversarial"
+
+    @property
+    def replay_batch_size(self) -> int:
+        return round(self.batch_size * self.replay_fraction) if self.uses_replay else 0
+
+    @property
+    def first_replay_step(self) -> int:
+        return max(1, math.ceil(self.replay_start * self.steps))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> DistillConfig:
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown config fields: {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+    def resume_mismatches(self, saved: dict) -> list[str]:
+        """The fields in which `saved` (a to_dict of the checkpointed run) differs from this
+        config, apart from those a resumed run may change."""
+        return sorted(
+            name
+            for name, value in self.to_dict().items()
+            if name not in RESUMABLE_CHANGES and saved.get(name, value) != value
+        )
+
+
+# Defaults that suit each shipped example; any field given explicitly wins over these.
+PRESETS: dict[str, dict] = {
+    # scikit-learn's 8x8 digits, small BatchNorm CNNs: a few minutes on 2 CPU cores
+    "digits": dict(steps=300, student_steps=2, batch_size=128, latent_dim=64,
+                   generator_width=32, student_lr=0.05, temperature=4.0, confidence_weight=0.5,
+                   adversarial_weight=0.5, vae_latent_dim=16, vae_width=16,
+                   memory_bank_size=4096, eval_every=25, checkpoint_every=50),
+    # MNIST, LeNet-5 -> LeNet-5-half (no BatchNorm in the teacher: DAFL's losses only)
+    "mnist": dict(),
+    # CIFAR-10 ResNets: DeepInversion-weighted BatchNorm matching, wider generator
+    "cifar10": dict(batch_size=256, latent_dim=256, generator_width=64, generator_lr=1e-3,
+                    student_steps=5, confidence_weight=0.5, balance_weight=5.0,
+                    adversarial_weight=1.0, temperature=4.0, vae_width=64,
+                    vae_latent_dim=128),
+}  # fmt: skip
+
+
+def preset_config(preset: str | None, **overrides) -> DistillConfig:
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    return DistillConfig(**{**PRESETS.get(preset, {}), **overrides})

@@ -1,0 +1,293 @@
+"""The distillation engine: builds a run from a teacher, a student and a config, steps it with the
+method's step function, evaluates on held-out data for reporting only, checkpoints atomically and
+resumes a killed run to the same result.
+
+    result = distill(teacher, student, DistillConfig(method="pre-dfkd"), image_shape=(1, 32, 32),
+                     test_set=mnist_test, output_dir="runs/mnist")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from dfkd_fast.data import ImageSet
+from dfkd_fast.distill import report
+from dfkd_fast.distill.config import DistillConfig
+from dfkd_fast.distill.replay import GenerativeReplay, MemoryBank
+from dfkd_fast.distill.steps import STEP_FUNCTIONS
+from dfkd_fast.hooks import BNStatHooks, batchnorm_layers
+from dfkd_fast.io import atomic_torch_save, ensure_writable_dir, load_checkpoint
+from dfkd_fast.models.generator import Generator, check_image_shape
+from dfkd_fast.training import accuracy
+
+CHECKPOINT_NAME = "checkpoint.pt"
+STUDENT_NAME = "student.pt"
+
+
+@dataclass
+class DistillResult:
+    student: nn.Module
+    metrics: dict  # what metrics.json holds: config, curve, robustness, memory, timing
+    output_dir: Path | None
+    curve: list[dict] = field(default_factory=list)
+
+    @property
+    def final_accuracy(self) -> float:
+        return self.metrics["robustness"].get("final_accuracy", math.nan)
+
+
+class Run:
+    """Everything a step touches: the networks, their optimizers, the replay memory, the random
+    generator. Built from the config alone (plus the user's teacher and student), so that a
+    checkpoint of its state dicts restores it exactly."""
+
+    def __init__(self, teacher, student, config: DistillConfig, image_shape, bn_layers: bool):
+        self.config = config
+        self.device = torch.device(config.device)
+        self.image_shape = image_shape
+        memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        self.teacher = teacher.to(self.device, memory_format=memory_format).eval()
+        self.teacher.requires_grad_(False)
+        self.student = student.to(self.device, memory_format=memory_format).train()
+        self.rng = torch.Generator(self.device).manual_seed(config.seed)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(config.seed)
+            self.generator = Generator(config.latent_dim, image_shape, config.generator_width)
+            self.generator.to(self.device, memory_format=memory_format).train()
+            self.replay = self._build_replay()
+        self.generator_optimizer = torch.optim.Adam(
+            self.generator.parameters(), lr=config.generator_lr, betas=(0.5, 0.999)
+        )
+        self.student_optimizer = torch.optim.SGD(
+            self.student.parameters(), lr=config.student_lr, momentum=0.9,
+            weight_decay=config.student_weight_decay,
+        )  # fmt: skip
+        self.student_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.student_optimizer, T_max=config.steps
+        )
+        self.bn_hooks = (
+            BNStatHooks(self.teacher, first_layer_weight=config.first_bn_multiplier,
+                        momentum=config.bn_momentum)
+            if bn_layers and config.bn_weight > 0 else None
+        )  # fmt: skip
+        self.use_amp = config.amp and self.device.type == "cuda"
+        self.step_function = STEP_FUNCTIONS[config.method]
+
+    def _build_replay(self):
+        config = self.config
+        if config.method == "pre-dfkd":
+            return GenerativeReplay(
+                self.image_shape, config.vae_latent_dim, config.vae_width, config.vae_lr,
+                config.vae_output_weight, config.vae_kl_weight, config.vae_self_replay,
+                self.device,
+            )  # fmt: skip
+        if config.method == "memory-bank":
+            return MemoryBank(self.image_shape, config.memory_bank_size, self.device)
+        return None
+
+    def autocast(self):
+        if not self.use_amp:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def bn_matching(self):
+        return self.bn_hooks if self.bn_hooks is not None else contextlib.nullcontext()
+
+    def replay_memory_bytes(self) -> int:
+        return self.replay.memory_bytes() if self.replay is not None else 0
+
+    def state_dict(self) -> dict:
+        state = {
+            "student": self.student.state_dict(),
+            "generator": self.generator.state_dict(),
+            "student_optimizer": self.student_optimizer.state_dict(),
+            "generator_optimizer": self.generator_optimizer.state_dict(),
+            "student_schedule": self.student_schedule.state_dict(),
+            "rng": self.rng.get_state(),
+        }
+        if self.replay is not None:
+            state["replay"] = self.replay.state_dict()
+        if self.bn_hooks is not None:
+            state["bn_ema"] = self.bn_hooks._ema
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.student.load_state_dict(state["student"])
+        self.generator.load_state_dict(state["generator"])
+        self.student_optimizer.load_state_dict(state["student_optimizer"])
+        self.generator_optimizer.load_state_dict(state["generator_optimizer"])
+        self.student_schedule.load_state_dict(state["student_schedule"])
+        self.rng.set_state(state["rng"])
+        if self.replay is not None:
+            self.replay.load_state_dict(state["replay"])
+        if self.bn_hooks is not None and "bn_ema" in state:
+            self.bn_hooks._ema = [
+                None if ema is None else tuple(t.to(self.device) for t in ema)
+                for ema in state["bn_ema"]
+            ]
+
+
+def check_networks(teacher, student, image_shape) -> int:
+    """The number of classes, after checking that teacher and student take `image_shape` and
+    agree on it."""
+    if not isinstance(teacher, nn.Module) or not isinstance(student, nn.Module):
+        raise TypeError("teacher and student must be nn.Module instances")
+    image_shape = check_image_shape(tuple(image_shape))
+    probe = torch.zeros(2, *image_shape)
+    sizes = {}
+    for name, network in (("teacher", teacher), ("student", student)):
+        was_training = network.training
+        device = next(network.parameters()).device
+        try:
+            with torch.no_grad():
+                logits = network.eval()(probe.to(device))
+        except Exception as error:
+            raise ValueError(f"the {name} cannot take images of shape {image_shape}: {error}") from None
+        finally:
+            network.train(was_training)
+        if logits.dim() != 2:
+            raise ValueError(f"the {name} must return (batch, classes) logits, got {tuple(logits.shape)}")
+        sizes[name] = logits.shape[1]
+    if sizes["teacher"] != sizes["student"]:
+        raise ValueError(
+            f"teacher and student disagree on the number of classes: the teacher outputs "
+            f"{sizes['teacher']}, the student {sizes['student']}"
+        )
+    return sizes["teacher"]
+
+
+def _prepare_output(output_dir, resume: bool, config: DistillConfig):
+    """The output folder, checked writable, and the checkpoint to resume from (or None)."""
+    if output_dir is None:
+        if resume:
+            raise ValueError("resume needs the output_dir of the run to continue")
+        return None, None
+    directory = ensure_writable_dir(output_dir)
+    checkpoint_path = directory / CHECKPOINT_NAME
+    if not checkpoint_path.exists():
+        return directory, None
+    if not resume:
+        raise ValueError(
+            f"{str(directory)!r} already holds a run ({CHECKPOINT_NAME}); resume it, or choose "
+            "another output directory"
+        )
+    checkpoint = load_checkpoint(checkpoint_path)
+    if not isinstance(checkpoint, dict) or "config" not in checkpoint or "run" not in checkpoint:
+        raise ValueError(f"{str(checkpoint_path)!r} is not a dfkd-fast distillation checkpoint")
+    mismatches = config.resume_mismatches(checkpoint["config"])
+    if mismatches:
+        detail = ", ".join(f"{name}: {checkpoint['config'][name]!r} -> "
+                           f"{getattr(config, name)!r}" for name in mismatches)  # fmt: skip
+        raise ValueError(f"cannot resume a run made with another config ({detail})")
+    return directory, checkpoint
+
+
+def distill(
+    teacher: nn.Module,
+    student: nn.Module,
+    config: DistillConfig = DistillConfig(),
+    image_shape: tuple[int, int, int] = (1, 32, 32),
+    test_set: ImageSet | None = None,
+    output_dir: str | Path | None = None,
+    resume: bool = False,
+    image_mean: tuple[float, ...] | None = None,
+    image_std: tuple[float, ...] | None = None,
+    student_record: dict | None = None,
+    progress: bool = True,
+) -> DistillResult:
+    """Distills `teacher` into `student` (trained in place) without data.
+
+    Args:
+        image_shape: (channels, height, width) of the teacher's (standardised) inputs.
+        test_set: held-out data, evaluated every ``config.eval_every`` steps for the report
+            only; the returned student is always the last one.
+        output_dir: where metrics.json, curve.csv, the plots, checkpoint.pt and student.pt go
+            (nothing is written when None). A folder that holds a run is resumed with
+            ``resume=True`` and otherwise refused.
+        image_mean, image_std: the standardisation of the teacher's inputs, for the sample plots.
+        student_record: extra entries for student.pt (a classifier record, see training).
+    """
+    if not isinstance(config, DistillConfig):
+        raise TypeError(f"config must be a DistillConfig, got {type(config).__name__}")
+    num_classes = check_networks(teacher, student, image_shape)
+    if test_set is not None and test_set.num_classes != num_classes:
+        raise ValueError(
+            f"test_set has {test_set.num_classes} classes, the teacher {num_classes}"
+        )
+    image_shape = tuple(image_shape)
+    directory, checkpoint = _prepare_output(output_dir, resume, config)
+    has_bn = bool(batchnorm_layers(teacher))
+    if not has_bn and config.bn_weight > 0:
+        warnings.warn(
+            "the teacher has no BatchNorm layers: BatchNorm-statistic matching is disabled",
+            UserWarning,
+            stacklevel=2,
+        )
+    run = Run(teacher, student, config, image_shape, bn_layers=has_bn)
+    curve: list[dict] = []
+    first_step, seconds_before, eval_seconds = 1, 0.0, 0.0
+    if checkpoint is not None:
+        run.load_state_dict(checkpoint["run"])
+        curve = list(checkpoint["curve"])
+        first_step = int(checkpoint["step"]) + 1
+        seconds_before = float(checkpoint["seconds"])
+        eval_seconds = float(checkpoint["eval_seconds"])
+
+    def evaluate(step: int, losses: list[dict], seconds: float) -> dict:
+        entry = {"step": step, "seconds": round(seconds, 3)}
+        if losses:
+            for name in losses[0]:
+                entry[f"{name}_loss"] = torch.stack([l[name].float() for l in losses]).mean().item()
+        if test_set is not None:
+            entry["accuracy"] = accuracy(run.student, test_set, device=run.device)
+        return entry
+
+    def write_report(step: int, seconds: float, finished: bool) -> dict:
+        metrics = report.metrics(config, curve, run.replay_memory_bytes(), seconds,
+                                 seconds - eval_seconds, step, finished)  # fmt: skip
+        if directory is not None:
+            report.write(directory, metrics, curve)
+        return metrics
+
+    started = time.perf_counter()
+    interval_losses: list[dict] = []
+    bar = tqdm(range(first_step, config.steps + 1), desc=f"distill ({config.method})",
+               unit="step", initial=first_step - 1, total=config.steps, disable=not progress)  # fmt: skip
+    for step in bar:
+        interval_losses.append(run.step_function(run, step))
+        if step % config.eval_every == 0 or step == config.steps:
+            evaluation_started = time.perf_counter()
+            seconds = seconds_before + evaluation_started - started
+            curve.append(evaluate(step, interval_losses, seconds))
+            interval_losses = []
+            eval_seconds += time.perf_counter() - evaluation_started
+            if "accuracy" in curve[-1]:
+                bar.set_postfix(accuracy=f"{curve[-1]['accuracy']:.4f}")
+            write_report(step, seconds, finished=False)
+        if directory is not None and (step % config.checkpoint_every == 0 or step == config.steps):
+            # the checkpoint's step includes the evaluation above, so a resumed run repeats nothing
+            atomic_torch_save(directory / CHECKPOINT_NAME, {
+                "config": config.to_dict(), "run": run.state_dict(), "curve": curve,
+                "step": step, "seconds": seconds_before + time.perf_counter() - started,
+                "eval_seconds": eval_seconds,
+            })  # fmt: skip
+    bar.close()
+    seconds = seconds_before + time.perf_counter() - started
+    metrics = write_report(config.steps, seconds, finished=True)
+    if directory is not None:
+        atomic_torch_save(directory / STUDENT_NAME, {
+            **(student_record or {}), "state_dict": run.student.state_dict(),
+            "distill_config": config.to_dict(), "metrics": metrics["robustness"],
+        })  # fmt: skip
+        report.plot(directory, curve, config.method, run, image_mean, image_std)
+    return DistillResult(student=run.student.eval(), metrics=metrics, output_dir=directory,
+                         curve=curve)  # fmt: skip

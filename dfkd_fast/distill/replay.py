@@ -1,0 +1,111 @@
+"""Replay memories: what the student rehearses so that it does not forget earlier synthetic data.
+
+- :class:`GenerativeReplay` (PRE-DFKD, Binici et al., AAAI 2022) keeps no sample: a VAE learns
+  the synthetic batches as they come (reconstruction in pixel space and in the teacher's output
+  space, a small KL weight, and rehearsal of its own samples so that it does not forget either),
+  and replays by decoding draws from its prior.
+- :class:`MemoryBank` stores past synthetic images in a ring buffer and replays random ones, the
+  baseline whose memory PRE-DFKD saves.
+
+Both draw all randomness from the `torch.Generator` they are given.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dfkd_fast.models.vae import VAE
+from dfkd_fast.ops.kd_div import kd_div
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class GenerativeReplay:
+    def __init__(self, image_shape, latent_dim: int, width: int, lr: float, output_weight: float,
+                 kl_weight: float, self_replay: float, device):  # fmt: skip
+        self.vae = VAE(image_shape, latent_dim, width).to(device)
+        self.optimizer = torch.optim.Adam(self.vae.parameters(), lr=lr)
+        self.output_weight = output_weight
+        self.kl_weight = kl_weight
+        self.self_replay = self_replay
+        self.updates = 0
+
+    def update(self, images, teacher_logits, teacher: nn.Module, generator: torch.Generator):
+        """One VAE step on a batch of synthetic images and the teacher's logits on them (and on
+        the VAE's own replay of earlier ones)."""
+        rehearsed = round(len(images) * self.self_replay) if self.updates else 0
+        if rehearsed:
+            old_images = self.sample(rehearsed, generator)
+            with torch.no_grad():
+                old_logits = teacher(old_images)
+            images = torch.cat([images, old_images])
+            teacher_logits = torch.cat([teacher_logits.float(), old_logits.float()])
+        self.vae.train()
+        reconstruction, kl = self.vae(images, generator=generator)
+        pixel_loss = F.mse_loss(reconstruction, images)
+        output_loss = kd_div(teacher(reconstruction), teacher_logits)
+        kl_per_pixel = kl.mean() / images[0].numel()
+        loss = pixel_loss + self.output_weight * output_loss + self.kl_weight * kl_per_pixel
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.updates += 1
+        return loss.detach()
+
+    @torch.no_grad()
+    def sample(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        self.vae.eval()
+        return self.vae.sample(count, generator=generator)
+
+    def memory_bytes(self) -> int:
+        return tensor_bytes(self.vae.parameters()) + tensor_bytes(self.vae.buffers())
+
+    def state_dict(self) -> dict:
+        return {"vae": self.vae.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "updates": self.updates}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        self.vae.load_state_dict(state["vae"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.updates = int(state["updates"])
+
+
+class MemoryBank:
+    def __init__(self, image_shape, capacity: int, device):
+        self.images = torch.empty(capacity, *image_shape, device=device)
+        self.filled = 0  # host-side counts: no sync to know them
+        self.next_slot = 0
+
+    def update(self, images, teacher_logits, teacher: nn.Module, generator: torch.Generator):
+        """Stores a batch, overwriting the oldest images once full."""
+        capacity = len(self.images)
+        images = images.detach()[-capacity:]
+        slots = (torch.arange(len(images), device=images.device) + self.next_slot) % capacity
+        self.images[slots] = images
+        self.next_slot = (self.next_slot + len(images)) % capacity
+        self.filled = min(capacity, self.filled + len(images))
+        return None
+
+    @torch.no_grad()
+    def sample(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        if self.filled == 0:
+            raise RuntimeError("the memory bank is empty: store a batch before sampling")
+        index = torch.randint(self.filled, (count,), generator=generator, device=self.images.device)
+        return self.images[index]
+
+    def memory_bytes(self) -> int:
+        return tensor_bytes([self.images])
+
+    def state_dict(self) -> dict:
+        return {"images": self.images[: self.filled].clone() if self.filled < len(self.images)
+                else self.images, "next_slot": self.next_slot}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        stored = state["images"]
+        self.images[: len(stored)] = stored.to(self.images.device)
+        self.filled = len(stored)
+        self.next_slot = int(state["next_slot"])

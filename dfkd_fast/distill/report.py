@@ -1,0 +1,152 @@
+"""What a run reports: the accuracy curve and its robustness statistics (PRE-DFKD's point: an
+accuracy that rises steadily makes the last snapshot good without validation data), the replay
+memory, the timing; written as metrics.json and curve.csv, and plotted as PNGs."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import statistics
+from pathlib import Path
+
+import torch
+
+from dfkd_fast.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from dfkd_fast.ops.reparameterize import sample_prior
+
+
+def robustness(curve: list[dict]) -> dict:
+    """Final, best, mean (the expected accuracy of a snapshot taken at a random evaluation) and
+    variance of the accuracy curve, final minus best, and the largest drop between evaluations."""
+    accuracies = [entry["accuracy"] for entry in curve if "accuracy" in entry]
+    if not accuracies:
+        return {}
+    drops = [before - after for before, after in zip(accuracies, accuracies[1:])]
+    return {
+        "final_accuracy": accuracies[-1],
+        "best_accuracy": max(accuracies),
+        "mean_accuracy": statistics.fmean(accuracies),
+        "accuracy_variance": statistics.pvariance(accuracies),
+        "final_minus_best": accuracies[-1] - max(accuracies),
+        "largest_drop": max([0.0, *drops]),
+        "evaluations": len(accuracies),
+    }
+
+
+def metrics(config, curve, replay_bytes: int, seconds: float, train_seconds: float,
+            step: int, finished: bool) -> dict:  # fmt: skip
+    student_images = step * config.student_steps * config.batch_size
+    return {
+        "config": config.to_dict(),
+        "finished": finished,
+        "step": step,
+        "curve": curve,
+        "robustness": robustness(curve),
+        "replay_memory_bytes": replay_bytes,
+        "seconds": seconds,
+        "train_seconds": train_seconds,
+        "student_images_per_second": student_images / train_seconds if train_seconds else math.nan,
+        "steps_per_second": step / train_seconds if train_seconds else math.nan,
+    }
+
+
+def curve_csv(curve: list[dict]) -> str:
+    columns = list(dict.fromkeys(key for entry in curve for key in entry))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(curve)
+    return text.getvalue()
+
+
+def write(directory: Path, run_metrics: dict, curve: list[dict]) -> None:
+    atomic_write_json(directory / "metrics.json", run_metrics)
+    atomic_write_text(directory / "curve.csv", curve_csv(curve))
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as pyplot
+    except ImportError:
+        return None
+    return pyplot
+
+
+def _save_figure(figure, path: Path) -> None:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_curves(path: Path, curves: dict[str, list[dict]], title: str) -> bool:
+    """Accuracy against step, one line per run; False when matplotlib is missing."""
+    pyplot = _pyplot()
+    if pyplot is None:
+        return False
+    figure, axes = pyplot.subplots(figsize=(6, 4))
+    for label, curve in curves.items():
+        points = [(entry["step"], entry["accuracy"]) for entry in curve if "accuracy" in entry]
+        if points:
+            axes.plot(*zip(*points), marker=".", label=label)
+    axes.set(xlabel="step", ylabel="student test accuracy", title=title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    _save_figure(figure, path)
+    pyplot.close(figure)
+    return True
+
+
+def _grid(images: torch.Tensor, mean, std, columns: int) -> torch.Tensor:
+    """(N, C, H, W) standardised images -> one (H', W', C) array in [0, 1] for imshow."""
+    images = images.detach().float().cpu()
+    if mean is not None and std is not None:
+        channels = images.shape[1]
+        mean_t = torch.tensor(mean).view(1, -1, 1, 1).expand(1, channels, 1, 1)
+        std_t = torch.tensor(std).view(1, -1, 1, 1).expand(1, channels, 1, 1)
+        images = (images * std_t + mean_t).clamp(0, 1)
+    else:
+        low = images.amin(dim=(1, 2, 3), keepdim=True)
+        high = images.amax(dim=(1, 2, 3), keepdim=True)
+        images = (images - low) / (high - low).clamp_min(1e-8)
+    count, channels, height, width = images.shape
+    rows = math.ceil(count / columns)
+    canvas = torch.ones(channels, rows * (height + 1), columns * (width + 1))
+    for index, image in enumerate(images):
+        row, column = divmod(index, columns)
+        top, left = row * (height + 1), column * (width + 1)
+        canvas[:, top : top + height, left : left + width] = image
+    return canvas.permute(1, 2, 0).squeeze(-1)
+
+
+def plot_samples(path: Path, panels: dict[str, torch.Tensor], mean, std) -> bool:
+    pyplot = _pyplot()
+    if pyplot is None:
+        return False
+    figure, axes = pyplot.subplots(1, len(panels), figsize=(4 * len(panels), 4.3), squeeze=False)
+    for axis, (title, images) in zip(axes[0], panels.items()):
+        axis.imshow(_grid(images, mean, std, columns=8).numpy(), cmap="gray", vmin=0, vmax=1)
+        axis.set_title(title)
+        axis.axis("off")
+    _save_figure(figure, path)
+    pyplot.close(figure)
+    return True
+
+
+@torch.no_grad()
+def plot(directory: Path, curve: list[dict], method: str, run, mean, std) -> list[str]:
+    """accuracy.png and samples.png (synthetic and, for the replay methods, replayed images)."""
+    written = []
+    if plot_curves(directory / "accuracy.png", {method: curve}, f"{method}: student accuracy"):
+        written.append("accuracy.png")
+    rng = torch.Generator(run.device).manual_seed(run.config.seed + 1)
+    latent = sample_prior(32, run.config.latent_dim, generator=rng, device=run.device)
+    panels = {"synthetic (generator)": run.generator(latent)}
+    if run.replay is not None:
+        panels[f"replay ({method})"] = run.replay.sample(32, rng)
+    if plot_samples(directory / "samples.png", panels, mean, std):
+        written.append("samples.png")
+    return written

@@ -1,0 +1,107 @@
+"""One training step of each data-free method. They share the generator update and the student
+update; they differ in what the student rehearses.
+
+    adversarial  (DAFL / DFAD / Fast-DFKD family): generator step, then student steps on fresh
+                 generator samples.
+    pre-dfkd     (PRE-DFKD): the same, and the synthetic batch also trains a VAE; every student
+                 batch mixes fresh samples with samples decoded by the VAE. No sample is stored.
+    memory-bank  the same, but the replay samples come from a stored bank of past batches.
+
+A step returns its losses as 0-d tensors (no host sync); the engine reads them at its logging
+interval. The student never backpropagates through the generator and the teacher runs without
+autograd in student steps.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dfkd_fast.ops.kd_div import js_div, kd_div
+from dfkd_fast.ops.reparameterize import sample_prior
+
+
+def generator_loss(teacher_logits, student_logits, bn_loss, config):
+    """DAFL's confidence and class-balance terms, DeepInversion's BN-statistic matching, and
+    the student/teacher disagreement (Jensen-Shannon, PRE-DFKD) that the generator maximises."""
+    confidence = F.cross_entropy(teacher_logits, teacher_logits.argmax(dim=1))
+    mean_prediction = teacher_logits.float().softmax(dim=1).mean(dim=0)
+    negative_entropy = (mean_prediction * mean_prediction.clamp_min(1e-12).log()).sum()
+    disagreement = js_div(student_logits, teacher_logits, config.temperature)
+    loss = (
+        config.confidence_weight * confidence
+        + config.balance_weight * negative_entropy
+        - config.adversarial_weight * disagreement
+    )
+    if bn_loss is not None:
+        loss = loss + config.bn_weight * bn_loss
+    return loss, disagreement
+
+
+def generator_step(run) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Updates the generator; returns its (detached) images, the teacher's logits on them and
+    the losses."""
+    config = run.config
+    latent = sample_prior(config.batch_size, config.latent_dim, generator=run.rng, device=run.device)
+    run.student.requires_grad_(False)
+    with run.autocast():
+        images = run.generator(latent)
+        with run.bn_matching() as bn_matching:
+            teacher_logits = run.teacher(images)
+        student_logits = run.student(images)
+        bn_loss = bn_matching.loss() if bn_matching is not None else None
+        loss, disagreement = generator_loss(teacher_logits, student_logits, bn_loss, config)
+    run.generator_optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.generator_optimizer.step()
+    run.student.requires_grad_(True)
+    if bn_matching is not None and config.bn_momentum > 0:
+        bn_matching.update_ema()
+    losses = {"generator": loss.detach(), "disagreement": disagreement.detach()}
+    if bn_loss is not None:
+        losses["bn"] = bn_loss.detach()
+    return images.detach(), teacher_logits.detach(), losses
+
+
+def student_step(run, replay_count: int) -> torch.Tensor:
+    """One student update on fresh generator samples, `replay_count` of them replaced by replay
+    samples; the teacher's soft outputs are the targets."""
+    config = run.config
+    fresh_count = config.batch_size - replay_count
+    with torch.no_grad(), run.autocast():
+        latent = sample_prior(fresh_count, config.latent_dim, generator=run.rng, device=run.device)
+        images = run.generator(latent)
+        if replay_count:
+            images = torch.cat([images, run.replay.sample(replay_count, run.rng).to(images.dtype)])
+        teacher_logits = run.teacher(images)
+    with run.autocast():
+        loss = kd_div(run.student(images), teacher_logits, config.temperature)
+    run.student_optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.student_optimizer.step()
+    return loss.detach()
+
+
+def adversarial_step(run, step: int) -> dict:
+    images, teacher_logits, losses = generator_step(run)
+    for _ in range(run.config.student_steps):
+        losses["student"] = student_step(run, replay_count=0)
+    run.student_schedule.step()
+    return losses
+
+
+def replay_step(run, step: int) -> dict:
+    """pre-dfkd and memory-bank: `run.replay` is a GenerativeReplay or a MemoryBank."""
+    images, teacher_logits, losses = generator_step(run)
+    replay_loss = run.replay.update(images.float(), teacher_logits, run.teacher, run.rng)
+    if replay_loss is not None:
+        losses["replay"] = replay_loss
+    replay_count = run.config.replay_batch_size if step >= run.config.first_replay_step else 0
+    for _ in range(run.config.student_steps):
+        losses["student"] = student_step(run, replay_count)
+    run.student_schedule.step()
+    return losses
+
+
+STEP_FUNCTIONS = {"adversarial": adversarial_step, "pre-dfkd": replay_step,
+                  "memory-bank": replay_step}  # fmt: skip

@@ -1,0 +1,67 @@
+"""The variational autoencoder of generative pseudo replay (PRE-DFKD, Binici et al., AAAI 2022):
+it learns the synthetic samples seen so far, and its decoder replays them. Encoder: two stride-2
+convolutions and a linear layer to (mu, logvar); decoder: the generator's architecture without
+its final normalisation. Sampling goes through dfkd_fast.reparameterize."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dfkd_fast.models.generator import check_image_shape
+from dfkd_fast.ops.reparameterize import reparameterize, sample_prior
+
+
+class VAE(nn.Module):
+    def __init__(self, image_shape: tuple[int, int, int], latent_dim: int = 64, width: int = 32):
+        super().__init__()
+        channels, height, width_px = check_image_shape(image_shape)
+        if latent_dim < 1 or width < 1:
+            raise ValueError(f"need latent_dim >= 1 and width >= 1, got {latent_dim}, {width}")
+        self.image_shape = (channels, height, width_px)
+        self.latent_dim = latent_dim
+        self.encoder = nn.Sequential(
+            nn.Conv2d(channels, width, 4, 2, 1), nn.LeakyReLU(0.2),
+            nn.Conv2d(width, 2 * width, 4, 2, 1), nn.BatchNorm2d(2 * width), nn.LeakyReLU(0.2),
+            nn.Flatten(),
+        )  # fmt: skip
+        encoded = 2 * width * math.ceil(height / 4) * math.ceil(width_px / 4)
+        self.to_moments = nn.Linear(encoded, 2 * latent_dim)
+        self.seed_shape = (2 * width, math.ceil(height / 4), math.ceil(width_px / 4))
+        self.project = nn.Linear(latent_dim, math.prod(self.seed_shape))
+        self.decoder = nn.Sequential(
+            nn.BatchNorm2d(2 * width), nn.LeakyReLU(0.2),
+            nn.Upsample(scale_factor=2), nn.Conv2d(2 * width, width, 3, padding=1),
+            nn.BatchNorm2d(width), nn.LeakyReLU(0.2),
+            nn.Upsample(scale_factor=2), nn.Conv2d(width, channels, 3, padding=1),
+        )  # fmt: skip
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        padded = _pad_to_multiple_of_4(images)
+        mu, logvar = self.to_moments(self.encoder(padded)).chunk(2, dim=1)
+        return mu, logvar.clamp(-20.0, 10.0)
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        out = self.decoder(self.project(latent).view(latent.shape[0], *self.seed_shape))
+        _, height, width = self.image_shape
+        return out[..., :height, :width]
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None):
+        """(reconstruction, kl per sample) of a batch of images."""
+        mu, logvar = self.encode(images)
+        latent, kl = reparameterize(mu, logvar, generator=generator, return_kl=True)
+        return self.decode(latent), kl
+
+    @torch.no_grad()
+    def sample(self, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """`count` images decoded from the prior, the replay samples."""
+        device = self.project.weight.device
+        return self.decode(sample_prior(count, self.latent_dim, generator=generator, device=device))
+
+
+def _pad_to_multiple_of_4(images: torch.Tensor) -> torch.Tensor:
+    height, width = images.shape[-2:]
+    return F.pad(images, (0, -width % 4, 0, -height % 4))

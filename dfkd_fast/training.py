@@ -1,0 +1,163 @@
+"""Supervised training of a classifier (the teacher, when its data is still at hand), and the
+checkpoint format for classifiers: the weights with what is needed to use them again (the
+architecture, the input shape and standardisation, the accuracy), loaded with weights_only=True.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from dfkd_fast.data import ImageSet
+from dfkd_fast.io import atomic_torch_save, load_checkpoint
+from dfkd_fast.models import build_classifier, strip_prefix
+
+__all__ = [
+    "ClassifierInfo",
+    "TrainConfig",
+    "accuracy",
+    "load_classifier",
+    "save_classifier",
+    "train_classifier",
+]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.05  # SGD with momentum 0.9, cosine decay to 0
+    weight_decay: float = 5e-4
+    max_shift: int = 2  # random translation of the training images, in pixels
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not self.lr > 0 or not self.weight_decay >= 0 or self.max_shift < 0:
+            raise ValueError("lr must be > 0, weight_decay and max_shift >= 0")
+
+
+@dataclass(frozen=True)
+class ClassifierInfo:
+    """What a classifier checkpoint records besides the weights."""
+
+    arch: str
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    dataset: str = ""
+    test_accuracy: float = math.nan
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: ImageSet, batch_size: int = 1000, device="cpu") -> float:
+    """Top-1 accuracy of `model` on `data` (model put in eval mode, then back)."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for start in range(0, len(data), batch_size):
+        images = data.images[start : start + batch_size].to(device)
+        labels = data.labels[start : start + batch_size].to(device)
+        correct += (model(images).argmax(dim=1) == labels).sum()
+    model.train(was_training)
+    return (correct / max(len(data), 1)).item()
+
+
+def random_translate(images: torch.Tensor, max_shift: int, generator: torch.Generator):
+    """Each image shifted by up to max_shift pixels in x and y, filling with its minimum."""
+    if max_shift == 0:
+        return images
+    n, _, height, width = images.shape
+    padded = F.pad(images, (max_shift,) * 4, mode="replicate")
+    shifts = torch.randint(0, 2 * max_shift + 1, (n, 2), generator=generator)
+    rows = (shifts[:, 0].view(n, 1) + torch.arange(height)).view(n, 1, height, 1)
+    cols = (shifts[:, 1].view(n, 1) + torch.arange(width)).view(n, 1, 1, width)
+    batch = torch.arange(n).view(n, 1, 1, 1)
+    channels = torch.arange(images.shape[1]).view(1, -1, 1, 1)
+    return padded[batch, channels, rows, cols]
+
+
+def train_classifier(
+    model: nn.Module, train: ImageSet, test: ImageSet | None, config: TrainConfig
+) -> list[tuple[int, float]]:
+    """SGD training; returns the (epoch, test accuracy) curve."""
+    device = torch.device(config.device)
+    model.to(device).train()
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9,
+                                weight_decay=config.weight_decay, nesterov=True)  # fmt: skip
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.15
+    )
+    curve = []
+    progress = tqdm(range(1, config.epochs + 1), desc="teacher (supervised)", unit="epoch")
+    for epoch in progress:
+        order = torch.randperm(len(train), generator=generator)
+        for batch in order.split(config.batch_size):
+            images = random_translate(train.images[batch], config.max_shift, generator)
+            loss = F.cross_entropy(model(images.to(device)), train.labels[batch].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        if test is not None:
+            curve.append((epoch, accuracy(model, test, device=device)))
+            progress.set_postfix(test_acc=f"{curve[-1][1]:.4f}")
+    model.eval()
+    return curve
+
+
+def save_classifier(path: str | os.PathLike, model: nn.Module, info: ClassifierInfo) -> None:
+    record = asdict(info)
+    record["image_shape"] = list(info.image_shape)
+    record["mean"], record["std"] = list(info.mean), list(info.std)
+    atomic_torch_save(path, {"classifier": record, "state_dict": model.state_dict()})
+
+
+def load_classifier(
+    path: str | os.PathLike, info: ClassifierInfo | None = None
+) -> tuple[nn.Module, ClassifierInfo]:
+    """A classifier and its info from a checkpoint of save_classifier, or from a bare state dict
+    (a dict with "state_dict", "module." prefixes allowed) when `info` describes it. In eval mode,
+    loaded with weights_only=True."""
+    checkpoint = load_checkpoint(path)
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{str(path)!r} holds no state dict")
+    if "classifier" in checkpoint:
+        record = dict(checkpoint["classifier"])
+        record["image_shape"] = tuple(record["image_shape"])
+        record["mean"], record["std"] = tuple(record["mean"]), tuple(record["std"])
+        info = ClassifierInfo(**record)
+    elif info is None:
+        raise ValueError(
+            f"{str(path)!r} does not say which architecture it holds: give its architecture, "
+            "image shape and standardisation (--teacher-arch, --dataset)"
+        )
+    state_dict = strip_prefix(checkpoint.get("state_dict", checkpoint))
+    model = build_classifier(info.arch, info.num_classes, info.image_shape[0])
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as error:
+        raise ValueError(f"{str(path)!r} does not fit a {info.arch}: {error}") from None
+    return model.eval(), info
+
+
+def checkpoint_name(arch: str, dataset: str) -> str:
+    return f"{dataset}-{arch}.pt"
+
+
+def default_output(arch: str, dataset: str) -> Path:
+    return Path("teachers") / checkpoint_name(arch, dataset)

@@ -1,0 +1,326 @@
+"""The distillation engine: every method runs and reports, runs are reproducible, a killed run
+resumes to the same result, steps make no host sync, bad input is refused before anything runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from dfkd_fast.data import ImageSet
+from dfkd_fast.distill import METHODS, DistillConfig, distill, preset_config
+from dfkd_fast.distill import engine
+from dfkd_fast.distill.replay import GenerativeReplay, MemoryBank
+from dfkd_fast.distill.report import robustness
+from dfkd_fast.io import load_checkpoint
+from dfkd_fast.models import lenet5, small_cnn
+from tests.conftest import requires_cuda
+
+IMAGE_SHAPE = (1, 8, 8)
+TINY = dict(steps=4, student_steps=2, batch_size=16, latent_dim=8, generator_width=4,
+            vae_latent_dim=4, vae_width=4, memory_bank_size=24, eval_every=2,
+            checkpoint_every=2, replay_start=0.25)  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def compiled_cpu_kernels(monkeypatch):
+    """The engine runs the ops' C++ CPU kernels here, as a user's would; the Triton kernels are
+    tested under the interpreter by their own tests."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+def networks(seed=0):
+    torch.manual_seed(seed)
+    return small_cnn(4).eval(), small_cnn(2)
+
+
+def held_out(count=40, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(count, *IMAGE_SHAPE, generator=generator)
+    labels = torch.randint(0, 10, (count,), generator=generator)
+    return ImageSet(images, labels, (0.0,), (1.0,), 10)
+
+
+def run(tmp_path, method, name="run", **overrides):
+    teacher, student = networks()
+    config = DistillConfig(method=method, **{**TINY, **overrides})
+    return distill(teacher, student, config, IMAGE_SHAPE, test_set=held_out(),
+                   output_dir=tmp_path / name, progress=False)  # fmt: skip
+
+
+def same_weights(first: nn.Module, second: nn.Module) -> bool:
+    return all(torch.equal(a, b) for a, b in
+               zip(first.state_dict().values(), second.state_dict().values()))  # fmt: skip
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_trains_the_student_and_writes_its_report(tmp_path, method):
+    _, untouched = networks()
+    result = run(tmp_path, method)
+    assert not same_weights(result.student, untouched)
+    files = {path.name for path in (tmp_path / "run").iterdir()}
+    assert {"metrics.json", "curve.csv", "checkpoint.pt", "student.pt"} <= files
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["finished"] and metrics["step"] == 4
+    assert [entry["step"] for entry in metrics["curve"]] == [2, 4]
+    assert metrics["robustness"]["evaluations"] == 2
+    assert 0 <= metrics["robustness"]["final_accuracy"] <= 1
+    assert all(math.isfinite(entry["student_loss"]) for entry in metrics["curve"])
+    expected_memory = {"adversarial": 0, "memory-bank": 24 * 64 * 4}
+    if method in expected_memory:
+        assert metrics["replay_memory_bytes"] == expected_memory[method]
+    else:
+        assert metrics["replay_memory_bytes"] > 0
+    assert (tmp_path / "run" / "curve.csv").read_text().count("\n") == 3
+    saved = load_checkpoint(tmp_path / "run" / "student.pt")
+    assert saved["distill_config"]["method"] == method
+    reloaded = small_cnn(2)
+    reloaded.load_state_dict(saved["state_dict"])
+    assert same_weights(reloaded, result.student)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_run_is_reproducible_under_its_seed(tmp_path, method):
+    first = run(tmp_path, method, "first")
+    second = run(tmp_path, method, "second")
+    assert same_weights(first.student, second.student)
+    third = run(tmp_path, method, "third", seed=1)
+    assert not same_weights(first.student, third.student)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch, method):
+    uninterrupted = run(tmp_path, method, "uninterrupted")
+    original_step = engine.STEP_FUNCTIONS[method]
+
+    def crash_at_step_3(run_state, step):
+        if step == 3:
+            raise RuntimeError("simulated crash")
+        return original_step(run_state, step)
+
+    with monkeypatch.context() as patch:
+        patch.setitem(engine.STEP_FUNCTIONS, method, crash_at_step_3)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run(tmp_path, method, "killed")
+    assert load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["step"] == 2
+    assert not (tmp_path / "killed" / "student.pt").exists()
+    teacher, student = networks()
+    config = DistillConfig(method=method, **TINY)
+    resumed = distill(teacher, student, config, IMAGE_SHAPE, test_set=held_out(),
+                      output_dir=tmp_path / "killed", resume=True, progress=False)  # fmt: skip
+    assert same_weights(resumed.student, uninterrupted.student)
+    assert resumed.curve == [
+        {**entry, "seconds": resumed_entry["seconds"]}
+        for entry, resumed_entry in zip(uninterrupted.curve, resumed.curve)
+    ]
+
+
+def test_resume_refuses_another_config_and_keeps_the_files(tmp_path):
+    run(tmp_path, "adversarial")
+    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    teacher, student = networks()
+    config = DistillConfig(method="adversarial", **{**TINY, "student_lr": 0.5})
+    with pytest.raises(ValueError, match="another config.*student_lr"):
+        distill(teacher, student, config, IMAGE_SHAPE, output_dir=tmp_path / "run", resume=True,
+                progress=False)  # fmt: skip
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+    # a change of reporting interval is no reason to refuse
+    config = DistillConfig(method="adversarial", **{**TINY, "eval_every": 1})
+    distill(teacher, student, config, IMAGE_SHAPE, output_dir=tmp_path / "run", resume=True,
+            progress=False)  # fmt: skip
+
+
+def test_a_folder_holding_a_run_is_not_overwritten_without_resume(tmp_path):
+    run(tmp_path, "adversarial")
+    metrics = (tmp_path / "run" / "metrics.json").read_text()
+    with pytest.raises(ValueError, match="already holds a run"):
+        run(tmp_path, "adversarial")
+    assert (tmp_path / "run" / "metrics.json").read_text() == metrics
+
+
+def test_a_corrupt_or_foreign_checkpoint_is_refused(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    teacher, student = networks()
+    with pytest.raises(ValueError, match="cannot load checkpoint"):
+        distill(teacher, student, DistillConfig(**TINY), IMAGE_SHAPE, output_dir=folder,
+                resume=True, progress=False)  # fmt: skip
+    torch.save({"weights": torch.zeros(1)}, folder / "checkpoint.pt")
+    with pytest.raises(ValueError, match="not a dfkd-fast distillation checkpoint"):
+        distill(teacher, student, DistillConfig(**TINY), IMAGE_SHAPE, output_dir=folder,
+                resume=True, progress=False)  # fmt: skip
+    assert (folder / "checkpoint.pt").exists()
+
+
+def test_an_unwritable_output_directory_is_refused_before_training(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    teacher, student = networks()
+    with pytest.raises(ValueError, match="not writable"):
+        distill(teacher, student, DistillConfig(**TINY), IMAGE_SHAPE,
+                output_dir=blocker / "run", progress=False)  # fmt: skip
+
+
+def test_bad_networks_and_shapes_are_refused():
+    teacher, _ = networks()
+    with pytest.raises(ValueError, match="disagree on the number of classes"):
+        distill(teacher, small_cnn(2, num_classes=7), DistillConfig(**TINY), IMAGE_SHAPE)
+    with pytest.raises(ValueError, match="at least 1 channel and 4x4"):
+        distill(teacher, small_cnn(2), DistillConfig(**TINY), (1, 3, 3))
+    with pytest.raises(ValueError, match="cannot take images of shape"):
+        distill(lenet5(), small_cnn(2), DistillConfig(**TINY), IMAGE_SHAPE)
+    with pytest.raises(ValueError, match="cannot take images of shape"):
+        distill(teacher, small_cnn(2, in_channels=3), DistillConfig(**TINY), IMAGE_SHAPE)
+    with pytest.raises(TypeError, match="config must be a DistillConfig"):
+        distill(teacher, small_cnn(2), dict(TINY), IMAGE_SHAPE)
+    with pytest.raises(ValueError, match="test_set has 3 classes"):
+        wrong = held_out()
+        wrong.num_classes = 3
+        distill(teacher, small_cnn(2), DistillConfig(**TINY), IMAGE_SHAPE, test_set=wrong)
+
+
+class NoBatchNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def test_a_teacher_without_batchnorm_disables_matching_with_a_warning(tmp_path):
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="no BatchNorm layers.*disabled"):
+        result = distill(NoBatchNorm(), small_cnn(2), DistillConfig(**TINY), IMAGE_SHAPE,
+                         test_set=held_out(), progress=False)  # fmt: skip
+    assert "bn_loss" not in result.curve[-1] and "generator_loss" in result.curve[-1]
+    teacher, student = networks()
+    result = distill(teacher, student, DistillConfig(**TINY), IMAGE_SHAPE, progress=False)
+    assert result.curve[-1]["bn_loss"] > 0
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_step_makes_no_host_sync(method, monkeypatch):
+    """Reading a tensor's value on the host, from dfkd_fast's code, fails the test (PyTorch's
+    own CPU-side bookkeeping, such as Adam's step count, is left alone; on CUDA the test below
+    checks the whole step)."""
+    teacher, student = networks()
+    config = DistillConfig(method=method, **TINY)
+    run_state = engine.Run(teacher, student, config, IMAGE_SHAPE, bn_layers=True)
+    run_state.step_function(run_state, 1)  # memory-bank: fill the bank first
+
+    def patch(name):
+        original = getattr(torch.Tensor, name)
+
+        def guarded(self, *args, **kwargs):
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller.startswith("dfkd_fast"):
+                raise AssertionError(f"host sync ({name}) in {caller}")
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, guarded)
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "nonzero"):
+        patch(name)
+    losses = run_state.step_function(run_state, config.steps)
+    monkeypatch.undo()
+    assert {"generator", "student", "disagreement", "bn"} <= set(losses)
+    assert all(loss.dim() == 0 for loss in losses.values())
+
+
+@requires_cuda
+@pytest.mark.parametrize("method", METHODS)
+def test_a_cuda_step_makes_no_device_sync(method):
+    teacher, student = networks()
+    config = DistillConfig(method=method, device="cuda", **TINY)
+    run_state = engine.Run(teacher, student, config, IMAGE_SHAPE, bn_layers=True)
+    run_state.step_function(run_state, 1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run_state.step_function(run_state, config.steps)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_student_steps_leave_generator_and_teacher_without_gradients():
+    teacher, student = networks()
+    run_state = engine.Run(teacher, student, DistillConfig(**TINY), IMAGE_SHAPE, bn_layers=True)
+    from dfkd_fast.distill.steps import student_step
+
+    student_step(run_state, replay_count=0)
+    assert all(p.grad is None for p in run_state.generator.parameters())
+    assert all(p.grad is None for p in run_state.teacher.parameters())
+    assert all(p.grad is not None for p in run_state.student.parameters())
+
+
+def test_memory_bank_keeps_the_newest_images_and_samples_only_stored_ones():
+    bank = MemoryBank(IMAGE_SHAPE, capacity=5, device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    with pytest.raises(RuntimeError, match="empty"):
+        bank.sample(2, generator)
+    batches = [torch.full((3, *IMAGE_SHAPE), float(i)) for i in range(3)]
+    bank.update(batches[0], None, None, generator)
+    assert set(bank.sample(50, generator)[:, 0, 0, 0].tolist()) == {0.0}
+    bank.update(batches[1], None, None, generator)
+    bank.update(batches[2], None, None, generator)
+    assert sorted(bank.images[:, 0, 0, 0].tolist()) == [1.0, 1.0, 2.0, 2.0, 2.0]
+    assert bank.memory_bytes() == 5 * 64 * 4
+    restored = MemoryBank(IMAGE_SHAPE, capacity=5, device="cpu")
+    restored.load_state_dict(bank.state_dict())
+    assert torch.equal(restored.images, bank.images) and restored.next_slot == bank.next_slot
+
+
+def test_generative_replay_learns_a_fixed_batch():
+    torch.manual_seed(0)
+    teacher = small_cnn(4).eval().requires_grad_(False)
+    replay = GenerativeReplay(IMAGE_SHAPE, latent_dim=8, width=8, lr=3e-3, output_weight=1.0,
+                              kl_weight=0.01, self_replay=0.0, device="cpu")  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(32, *IMAGE_SHAPE, generator=generator)
+    logits = teacher(images)
+    losses = [replay.update(images, logits, teacher, generator).item() for _ in range(60)]
+    assert sum(losses[-5:]) < 0.75 * sum(losses[:5])
+    samples = replay.sample(7, generator)
+    assert samples.shape == (7, *IMAGE_SHAPE) and torch.isfinite(samples).all()
+
+
+def test_robustness_statistics_of_a_known_curve():
+    curve = [{"step": s, "accuracy": a} for s, a in [(1, 0.5), (2, 0.9), (3, 0.8), (4, 0.85)]]
+    numbers = robustness(curve)
+    assert numbers["final_accuracy"] == 0.85 and numbers["best_accuracy"] == 0.9
+    assert numbers["mean_accuracy"] == pytest.approx(0.7625)
+    assert numbers["accuracy_variance"] == pytest.approx(0.02421875)
+    assert numbers["final_minus_best"] == pytest.approx(-0.05)
+    assert numbers["largest_drop"] == pytest.approx(0.1)
+    assert robustness([{"step": 1}]) == {}
+
+
+@pytest.mark.parametrize(
+    "overrides, error",
+    [
+        (dict(method="dfad"), ValueError), (dict(steps=0), ValueError),
+        (dict(batch_size=1), ValueError), (dict(student_lr=0.0), ValueError),
+        (dict(replay_fraction=1.0), ValueError), (dict(adversarial_weight=-1.0), ValueError),
+        (dict(temperature=float("nan")), ValueError), (dict(steps=2.5), TypeError),
+        (dict(bn_weight="1"), TypeError),
+    ],
+)  # fmt: skip
+def test_config_rejects_bad_values(overrides, error):
+    with pytest.raises(error):
+        DistillConfig(**overrides)
+
+
+def test_config_round_trips_and_presets_apply():
+    config = preset_config("digits", method="memory-bank", steps=7)
+    assert config.steps == 7 and config.batch_size == 128 and config.method == "memory-bank"
+    assert DistillConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown config fields: colour"):
+        DistillConfig.from_dict({"colour": 1})
+    with pytest.raises(ValueError, match="preset must be one of"):
+        preset_config("imagenet")
