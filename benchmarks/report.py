@@ -75,13 +75,38 @@ def table(cases: list[dict], op: str) -> str:
     return f"{header_lines}\n{copy_lines}\n\n" + "\n".join(lines)
 
 
+def step_table(cases: list[dict]) -> str:
+    """End-to-end steps: time per step and images per second, ours against the reference ops."""
+    rows = defaultdict(dict)
+    for case in cases:
+        if case["op"] == "distill_step":
+            rows[(case["device"], case["shape"], case["batch_size"], case["dtype"])][
+                case["implementation"]] = case  # fmt: skip
+    lines = ["| device | workload | batch | dtype | dfkd_fast step | reference step | speed-up "
+             "| dfkd_fast img/s | reference img/s |", "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+    for (device, workload, batch, dtype), impls in sorted(rows.items()):
+        if {"dfkd_fast", "reference"} - set(impls):
+            continue
+        ours, reference = impls["dfkd_fast"], impls["reference"]
+        images = ours["images_per_step"]
+        lines.append(
+            f"| {device} | {workload} | {batch} | {dtype} | {ours['median_s'] * 1e3:.0f} ms | "
+            f"{reference['median_s'] * 1e3:.0f} ms | "
+            f"{reference['median_s'] / ours['median_s']:.2f}x | "
+            f"{images / ours['median_s']:.0f} | {images / reference['median_s']:.0f} |"
+        )
+    devices = sorted({(c["device"], c["device_name"], c["torch"]) for c in cases})
+    header_lines = "\n".join(f"- {d}: {name}, torch {version}" for d, name, version in devices)
+    return f"{header_lines}\n\n" + "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("json_path")
     parser.add_argument("--op", default="reparameterize")
     arguments = parser.parse_args()
     cases, _ = load_cases(arguments.json_path)
-    print(table(cases, arguments.op))
+    print(step_table(cases) if arguments.op == "distill_step" else table(cases, arguments.op))
 
 
 if __name__ == "__main__":

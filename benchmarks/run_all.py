@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from report import load_cases, table
+from report import load_cases, step_table, table
 
 HERE = Path(__file__).resolve().parent
 # bench file -> the report tables it feeds
@@ -25,6 +25,7 @@ SUITES = {
     "reparameterize": ["reparameterize"],
     "kd_div": ["kd_div"],
     "bn_stats": ["bn_stat_loss", "teacher_bn_loss", "batchnorm_forward"],
+    "distill_step": ["distill_step"],
 }
 
 
@@ -53,7 +54,8 @@ def main() -> int:
                 return 1
             cases, _ = load_cases(str(output))
             for table_op in SUITES[op]:
-                print(f"\n### {table_op} on {device}\n\n{table(cases, table_op)}\n", flush=True)
+                text = step_table(cases) if table_op == "distill_step" else table(cases, table_op)
+                print(f"\n### {table_op} on {device}\n\n{text}\n", flush=True)
     return 0
 
 

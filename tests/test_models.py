@@ -7,6 +7,9 @@ import pytest
 import torch
 
 from dfkd_fast.models import (
+    VAE,
+    Generator,
+    build_classifier,
     cifar_resnet,
     cifar_resnet18,
     cifar_resnet34,
@@ -57,3 +60,59 @@ def test_strip_prefix_and_bad_checkpoints(tmp_path):
     torch.save({"state_dict": {"fc.weight": torch.zeros(2)}}, path)
     with pytest.raises(ValueError, match="not a CIFAR ResNet checkpoint"):
         load_pretrained_cifar_resnet(path)
+
+
+@pytest.mark.parametrize(
+    "name, image_shape, parameters",
+    [("lenet5", (1, 32, 32), 61_706), ("lenet5_half", (1, 32, 32), 15_738),
+     ("wrn16_1", (3, 32, 32), 175_066), ("wrn40_2", (3, 32, 32), 2_243_546),
+     ("resnet18", (3, 32, 32), 11_173_962), ("cnn8", (1, 8, 8), 3_818)],
+)  # fmt: skip
+def test_classifiers_by_name(name, image_shape, parameters):
+    torch.manual_seed(0)
+    model = build_classifier(name, 10, image_shape[0])
+    assert sum(p.numel() for p in model.parameters()) == parameters
+    assert model(torch.randn(3, *image_shape)).shape == (3, 10)
+
+
+def test_classifier_names_and_inputs_are_checked():
+    with pytest.raises(ValueError, match="unknown architecture 'vgg'"):
+        build_classifier("vgg", 10, 3)
+    with pytest.raises(ValueError, match="takes 3-channel images"):
+        build_classifier("resnet20", 10, 1)
+    with pytest.raises(ValueError, match="32x32 images"):
+        build_classifier("lenet5", 10, 1)(torch.zeros(1, 1, 28, 28))
+
+
+@pytest.mark.parametrize("image_shape", [(1, 8, 8), (1, 32, 32), (3, 32, 32), (2, 7, 13)])
+def test_generator_and_vae_make_images_of_any_shape(image_shape):
+    torch.manual_seed(0)
+    generator = Generator(16, image_shape, width=8)
+    images = generator(torch.randn(5, 16))
+    assert images.shape == (5, *image_shape)
+    # the last, non-affine BatchNorm standardises each channel of a training batch
+    flat = images.transpose(0, 1).reshape(image_shape[0], -1)
+    torch.testing.assert_close(flat.mean(1), torch.zeros(image_shape[0]), atol=1e-5, rtol=0)
+    vae = VAE(image_shape, latent_dim=6, width=4)
+    reconstruction, kl = vae(images.detach(), generator=torch.Generator().manual_seed(0))
+    assert reconstruction.shape == images.shape and kl.shape == (5,) and (kl >= 0).all()
+    first = vae.eval().sample(4, torch.Generator().manual_seed(3))
+    second = vae.sample(4, torch.Generator().manual_seed(3))
+    assert first.shape == (4, *image_shape) and torch.equal(first, second)
+
+
+def test_vae_kl_is_the_closed_form_of_its_moments():
+    torch.manual_seed(0)
+    vae = VAE((1, 8, 8), latent_dim=5, width=4).eval()
+    images = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    vae.double()
+    mu, logvar = vae.encode(images)
+    _, kl = vae(images, generator=torch.Generator().manual_seed(0))
+    expected = -0.5 * (1 + logvar - mu**2 - logvar.exp()).sum(1)
+    torch.testing.assert_close(kl.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("image_shape", [(1, 3, 8), (0, 8, 8), (1, 8), (1.0, 8, 8)])
+def test_generator_refuses_shapes_it_cannot_make(image_shape):
+    with pytest.raises(ValueError, match="image"):
+        Generator(16, image_shape)

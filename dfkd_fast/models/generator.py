@@ -1,8 +1,8 @@
 """The image generator of data-free distillation, DCGAN/DAFL style (Chen et al., ICCV 2019):
 latent -> linear -> (2w, H', W') -> upsample, conv, BN, LeakyReLU -> upsample, conv, BN,
-LeakyReLU -> conv to the image channels -> tanh -> non-affine BatchNorm, so that images come
-out standardised like a classifier's normalised inputs. H' = ceil(H / 4); the 4H' x 4W' output is
-centre-cropped to H x W, so any size of at least 4 x 4 works."""
+LeakyReLU -> conv to the image channels -> tanh -> centre crop to H x W -> non-affine BatchNorm,
+so that images come out standardised like a classifier's normalised inputs. H' = ceil(H / 4), so
+any size of at least 4 x 4 works."""
 
 from __future__ import annotations
 
@@ -48,8 +48,8 @@ class Generator(nn.Module):
             nn.LeakyReLU(0.2),
             nn.Conv2d(width, channels, 3, padding=1),
             nn.Tanh(),
-            nn.BatchNorm2d(channels, affine=False),
         )
+        self.standardise = nn.BatchNorm2d(channels, affine=False)
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         seed = self.project(latent).view(latent.shape[0], *self.seed_shape)
@@ -57,4 +57,4 @@ class Generator(nn.Module):
         _, height, width = self.image_shape
         top = (images.shape[-2] - height) // 2
         left = (images.shape[-1] - width) // 2
-        return images[..., top : top + height, left : left + width]
+        return self.standardise(images[..., top : top + height, left : left + width])

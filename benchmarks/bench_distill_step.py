@@ -1,0 +1,53 @@
+"""End-to-end step throughput: one pre-dfkd step (generator update with BN-statistic matching and
+the JS disagreement, VAE update, student steps on fresh + replayed samples with the KD
+divergence, VAE sampling through reparameterize) with dfkd_fast's fused ops against the same step
+on the pure-PyTorch reference ops (``use_backend("reference")``). Run:
+
+    python -m pytest benchmarks/bench_distill_step.py --benchmark-json=out.json
+    python benchmarks/report.py out.json --op distill_step
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dfkd_fast
+from dfkd_fast.distill import preset_config
+from dfkd_fast.distill.engine import Run
+from dfkd_fast.models import build_classifier
+from harness import describe, synchronize
+
+# name -> (teacher, student, image shape, preset, batch size on CPU, on CUDA)
+WORKLOADS = {
+    "mnist-lenet5": ("lenet5", "lenet5_half", (1, 32, 32), "mnist", 256, 256),
+    "cifar10-resnet56": ("resnet56", "resnet20", (3, 32, 32), "cifar10", 32, 256),
+}
+
+
+@pytest.mark.parametrize("workload", list(WORKLOADS))
+@pytest.mark.parametrize("implementation", ["dfkd_fast", "reference"])
+def test_pre_dfkd_step(benchmark, device, implementation, workload):
+    teacher_arch, student_arch, image_shape, preset, cpu_batch, cuda_batch = WORKLOADS[workload]
+    batch_size = cpu_batch if device == "cpu" else cuda_batch
+    torch.manual_seed(0)
+    teacher = build_classifier(teacher_arch, 10, image_shape[0])
+    student = build_classifier(student_arch, 10, image_shape[0])
+    config = preset_config(preset, method="pre-dfkd", batch_size=batch_size, student_steps=2,
+                           replay_start=0.0, device=device)  # fmt: skip
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in teacher.modules())
+    run = Run(teacher, student, config, image_shape, bn_layers=has_bn)
+    backend = "reference" if implementation == "reference" else "auto"
+
+    def step():
+        with dfkd_fast.use_backend(backend):
+            run.step_function(run, config.steps)
+        synchronize(device)
+
+    step()  # warm-up: replay memory filled, kernels loaded
+    benchmark.pedantic(step, rounds=5 if device == "cpu" else 20, iterations=1, warmup_rounds=1)
+    images = config.batch_size * (1 + config.student_steps)
+    describe(benchmark, device, op="distill_step", implementation=implementation,
+             dtype="bf16 autocast" if run.use_amp else "float32", shape=workload, numel=0,
+             bytes=0, images_per_step=images, batch_size=batch_size)  # fmt: skip
+
