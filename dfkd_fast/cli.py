@@ -16,6 +16,7 @@ from dfkd_fast.data import DATASETS, load_dataset, load_digits
 from dfkd_fast.distill import METHODS, PRESETS, DistillConfig, distill, preset_config
 from dfkd_fast.models import CLASSIFIERS, build_classifier
 from dfkd_fast.models.cifar import PRETRAINED_MEAN, PRETRAINED_STD
+from dfkd_fast.unlabeled import Collection
 from dfkd_fast.training import (
     ClassifierInfo,
     TrainConfig,
@@ -84,6 +85,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--output-dir", type=Path, help="default: runs/<dataset>-<method>")
     run.add_argument("--resume", action="store_true", help="continue the run in --output-dir "
                      "(or start it if there is none)")
+    run.add_argument("--collection", action="append", metavar="SOURCE", default=[],
+                     help="--method unlabeled: a source of unlabeled images, repeatable: "
+                     "DATASET:FOLDER (mnist, fashion-mnist, kmnist, cifar10, cifar10-jpeg), an "
+                     "IDX/.npz file or image folder, or noise:COUNT; SOURCE@0.01 keeps 1%%")  # fmt: skip
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     _config_arguments(run, DistillConfig)
 
@@ -163,18 +168,30 @@ def distill_command(arguments: dict) -> int:
         raise UsageError(f"no default student for a {info.arch} teacher: give --student-arch")
     student = build_classifier(student_arch, info.num_classes, info.image_shape[0])
     output_dir = arguments["output_dir"] or Path("runs") / f"{info.dataset or 'run'}-{method}"
+    collection = None
+    if config.method == "unlabeled":
+        if not arguments["collection"]:
+            raise UsageError("--method unlabeled needs at least one --collection source")
+        collection = Collection.from_specs(arguments["collection"], info.image_shape, info.mean,
+                                           info.std)  # fmt: skip
+    elif arguments["collection"]:
+        raise UsageError("--collection is for --method unlabeled")
     record = {"classifier": {**dataclasses.asdict(info), "arch": student_arch,
                              "image_shape": list(info.image_shape), "mean": list(info.mean),
                              "std": list(info.std), "test_accuracy": float("nan")}}  # fmt: skip
     result = distill(teacher, student, config, info.image_shape, test_set=test,
                      output_dir=output_dir, resume=arguments["resume"], image_mean=info.mean,
                      image_std=info.std, student_record=record,
-                     progress=not arguments["quiet"])  # fmt: skip
+                     progress=not arguments["quiet"], collection=collection)  # fmt: skip
     numbers = result.metrics["robustness"]
     if numbers:
         print(f"student: {student_arch}, final {numbers['final_accuracy']:.2%} test accuracy "
               f"(best {numbers['best_accuracy']:.2%}, mean over the run "
               f"{numbers['mean_accuracy']:.2%}), {result.metrics['seconds']:.0f} s")  # fmt: skip
+    if "drawn_fraction_per_source" in result.metrics:
+        drawn = ", ".join(f"{name} {share:.1%}" for name, share in
+                          result.metrics["drawn_fraction_per_source"].items())  # fmt: skip
+        print(f"samples drawn per source: {drawn}")
     print(f"report: {output_dir}/ (metrics.json, curve.csv, accuracy.png, samples.png, "
           "student.pt)")
     return 0

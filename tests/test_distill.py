@@ -13,11 +13,13 @@ from torch import nn
 
 from dfkd_fast.data import ImageSet
 from dfkd_fast.distill import METHODS, DistillConfig, distill, preset_config
+from dfkd_fast.distill.config import DATA_FREE_METHODS
 from dfkd_fast.distill import engine
 from dfkd_fast.distill.replay import GenerativeReplay, MemoryBank
 from dfkd_fast.distill.report import robustness
 from dfkd_fast.io import load_checkpoint
 from dfkd_fast.models import lenet5, small_cnn
+from dfkd_fast.unlabeled import Collection, Source, noise_source
 from tests.conftest import requires_cuda
 
 IMAGE_SHAPE = (1, 8, 8)
@@ -45,11 +47,21 @@ def held_out(count=40, seed=1):
     return ImageSet(images, labels, (0.0,), (1.0,), 10)
 
 
-def run(tmp_path, method, name="run", **overrides):
+def small_collection(method):
+    """For the unlabeled method: noise plus random 'digit' images of another size and colour."""
+    if method != "unlabeled":
+        return None
+    generator = torch.Generator().manual_seed(2)
+    other = Source.from_float("other", torch.rand(30, 3, 12, 12, generator=generator))
+    return Collection([noise_source(40, IMAGE_SHAPE), other], IMAGE_SHAPE, (0.5,), (0.25,))
+
+
+def run(tmp_path, method, name="run", resume=False, **overrides):
     teacher, student = networks()
     config = DistillConfig(method=method, **{**TINY, **overrides})
     return distill(teacher, student, config, IMAGE_SHAPE, test_set=held_out(),
-                   output_dir=tmp_path / name, progress=False)  # fmt: skip
+                   output_dir=tmp_path / name, progress=False, resume=resume,
+                   collection=small_collection(method))  # fmt: skip
 
 
 def same_weights(first: nn.Module, second: nn.Module) -> bool:
@@ -70,7 +82,7 @@ def test_each_method_trains_the_student_and_writes_its_report(tmp_path, method):
     assert metrics["robustness"]["evaluations"] == 2
     assert 0 <= metrics["robustness"]["final_accuracy"] <= 1
     assert all(math.isfinite(entry["student_loss"]) for entry in metrics["curve"])
-    expected_memory = {"adversarial": 0, "memory-bank": 24 * 64 * 4}
+    expected_memory = {"adversarial": 0, "memory-bank": 24 * 64 * 4, "unlabeled": 0}
     if method in expected_memory:
         assert metrics["replay_memory_bytes"] == expected_memory[method]
     else:
@@ -108,10 +120,7 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch, method):
             run(tmp_path, method, "killed")
     assert load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["step"] == 2
     assert not (tmp_path / "killed" / "student.pt").exists()
-    teacher, student = networks()
-    config = DistillConfig(method=method, **TINY)
-    resumed = distill(teacher, student, config, IMAGE_SHAPE, test_set=held_out(),
-                      output_dir=tmp_path / "killed", resume=True, progress=False)  # fmt: skip
+    resumed = run(tmp_path, method, "killed", resume=True)
     assert same_weights(resumed.student, uninterrupted.student)
     assert resumed.curve == [
         {**entry, "seconds": resumed_entry["seconds"]}
@@ -204,11 +213,11 @@ def test_a_teacher_without_batchnorm_disables_matching_with_a_warning(tmp_path):
     assert result.curve[-1]["bn_loss"] > 0
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", DATA_FREE_METHODS)
 def test_a_step_makes_no_host_sync(method, monkeypatch):
     """Reading a tensor's value on the host, from dfkd_fast's code, fails the test (PyTorch's
     own CPU-side bookkeeping, such as Adam's step count, is left alone; on CUDA the test below
-    checks the whole step)."""
+    checks the whole step). The unlabeled method indexes its collection on the host by design."""
     teacher, student = networks()
     config = DistillConfig(method=method, **TINY)
     run_state = engine.Run(teacher, student, config, IMAGE_SHAPE, bn_layers=True)
@@ -234,7 +243,7 @@ def test_a_step_makes_no_host_sync(method, monkeypatch):
 
 
 @requires_cuda
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", DATA_FREE_METHODS)
 def test_a_cuda_step_makes_no_device_sync(method):
     teacher, student = networks()
     config = DistillConfig(method=method, device="cuda", **TINY)

@@ -7,7 +7,10 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-METHODS = ("adversarial", "pre-dfkd", "memory-bank")
+DATA_FREE_METHODS = ("adversarial", "pre-dfkd", "memory-bank")
+METHODS = (*DATA_FREE_METHODS, "unlabeled")
+SCORES = ("msp", "entropy", "energy", "odin", "bn-typicality")
+POLICIES = ("uniform", "top-k", "proportional")
 
 # Fields that change what a run computes are compared on --resume; these do not.
 RESUMABLE_CHANGES = frozenset({"eval_every", "checkpoint_every"})
@@ -18,7 +21,8 @@ class DistillConfig:
     """Every weight, rate and ratio of a data-free distillation run.
 
     One *step* is one generator update followed by ``student_steps`` student updates (and, for
-    the replay methods, one update of the replay memory)."""
+    the replay methods, one update of the replay memory); for the unlabeled method, it is
+    ``student_steps`` student updates on batches drawn from the collection."""
 
     method: str = "pre-dfkd"
     steps: int = 800
@@ -55,6 +59,17 @@ class DistillConfig:
     vae_self_replay: float = 0.5
     # memory-bank: the number of past synthetic images kept
     memory_bank_size: int = 10240
+    # unlabeled: relatedness score and sampling policy over the collection (see
+    # dfkd_fast.unlabeled), and the fractions of each batch mixed by mixup and by cutmix
+    score: str = "energy"
+    policy: str = "proportional"
+    policy_temperature: float = 1.0
+    top_fraction: float = 0.1
+    class_balance: bool = True
+    disagreement_weight: float = 1.0
+    refresh_every: int = 50
+    mixup_fraction: float = 0.25
+    cutmix_fraction: float = 0.25
     # engine
     eval_every: int = 50
     checkpoint_every: int = 100
@@ -74,9 +89,15 @@ class DistillConfig:
                     raise TypeError(f"{field.name} must be a number, got {value!r}")
                 if not math.isfinite(value) or value < 0:
                     raise ValueError(f"{field.name} must be finite and >= 0, got {value!r}")
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if not isinstance(self.class_balance, bool) or not isinstance(self.amp, bool):
+            raise TypeError("class_balance and amp must be bools")
         positive = ("steps", "student_steps", "batch_size", "latent_dim", "generator_width",
                     "vae_latent_dim", "vae_width", "memory_bank_size", "eval_every",
-                    "checkpoint_every")  # fmt: skip
+                    "checkpoint_every", "refresh_every")  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
@@ -86,12 +107,20 @@ class DistillConfig:
         for name in ("replay_fraction", "replay_start", "vae_self_replay", "bn_momentum"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if not 0 < self.top_fraction <= 1 or self.policy_temperature <= 0:
+            raise ValueError("top_fraction must be in (0, 1] and policy_temperature > 0")
+        if self.mixup_fraction + self.cutmix_fraction > 1:
+            raise ValueError("mixup_fraction + cutmix_fraction must be at most 1")
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be >= 2 (batch statistics), got {self.batch_size}")
 
     @property
+    def data_free(self) -> bool:
+        return self.method in DATA_FREE_METHODS
+
+    @property
     def uses_replay(self) -> bool:
-        return self.method != "adversarial"
+        return self.method in ("pre-dfkd", "memory-bank")
 
     @property
     def replay_batch_size(self) -> int:

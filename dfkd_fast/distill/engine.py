@@ -28,6 +28,9 @@ from dfkd_fast.hooks import BNStatHooks, batchnorm_layers
 from dfkd_fast.io import atomic_torch_save, ensure_writable_dir, load_checkpoint
 from dfkd_fast.models.generator import Generator, check_image_shape
 from dfkd_fast.training import accuracy
+from dfkd_fast.unlabeled.collection import Collection
+from dfkd_fast.unlabeled.sampling import RelatednessSampler
+from dfkd_fast.unlabeled.scores import score_collection
 
 CHECKPOINT_NAME = "checkpoint.pt"
 STUDENT_NAME = "student.pt"
@@ -50,7 +53,8 @@ class Run:
     generator. Built from the config alone (plus the user's teacher and student), so that a
     checkpoint of its state dicts restores it exactly."""
 
-    def __init__(self, teacher, student, config: DistillConfig, image_shape, bn_layers: bool):
+    def __init__(self, teacher, student, config: DistillConfig, image_shape, bn_layers: bool,
+                 collection=None, scored=None):  # fmt: skip
         self.config = config
         self.device = torch.device(config.device)
         self.image_shape = image_shape
@@ -59,14 +63,30 @@ class Run:
         self.teacher.requires_grad_(False)
         self.student = student.to(self.device, memory_format=memory_format).train()
         self.rng = torch.Generator(self.device).manual_seed(config.seed)
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(config.seed)
-            self.generator = Generator(config.latent_dim, image_shape, config.generator_width)
-            self.generator.to(self.device, memory_format=memory_format).train()
-            self.replay = self._build_replay()
-        self.generator_optimizer = torch.optim.Adam(
-            self.generator.parameters(), lr=config.generator_lr, betas=(0.5, 0.999)
-        )
+        self.generator = self.generator_optimizer = self.replay = self.bn_hooks = None
+        if config.data_free:
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(config.seed)
+                self.generator = Generator(config.latent_dim, image_shape, config.generator_width)
+                self.generator.to(self.device, memory_format=memory_format).train()
+                self.replay = self._build_replay()
+            self.generator_optimizer = torch.optim.Adam(
+                self.generator.parameters(), lr=config.generator_lr, betas=(0.5, 0.999)
+            )
+            if bn_layers and config.bn_weight > 0:
+                self.bn_hooks = BNStatHooks(self.teacher, first_layer_weight=config.first_bn_multiplier,
+                                            momentum=config.bn_momentum)  # fmt: skip
+        else:
+            if collection is None or scored is None:
+                raise ValueError(f"method {config.method!r} needs a collection")
+            self.collection = collection
+            self.sampler = RelatednessSampler(
+                scored.scores, scored.predictions, config.policy, config.policy_temperature,
+                config.top_fraction, config.class_balance, config.disagreement_weight,
+                self.device,
+            )  # fmt: skip
+            self.cpu_rng = torch.Generator().manual_seed(config.seed)
+            self.drawn_per_source = torch.zeros(len(collection.sources), dtype=torch.long)
         self.student_optimizer = torch.optim.SGD(
             self.student.parameters(), lr=config.student_lr, momentum=0.9,
             weight_decay=config.student_weight_decay,
@@ -74,11 +94,6 @@ class Run:
         self.student_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.student_optimizer, T_max=config.steps
         )
-        self.bn_hooks = (
-            BNStatHooks(self.teacher, first_layer_weight=config.first_bn_multiplier,
-                        momentum=config.bn_momentum)
-            if bn_layers and config.bn_weight > 0 else None
-        )  # fmt: skip
         self.use_amp = config.amp and self.device.type == "cuda"
         self.step_function = STEP_FUNCTIONS[config.method]
 
@@ -102,18 +117,31 @@ class Run:
     def bn_matching(self):
         return self.bn_hooks if self.bn_hooks is not None else contextlib.nullcontext()
 
+    def drawn_fractions(self) -> dict[str, float]:
+        """unlabeled: the fraction of drawn samples that came from each source."""
+        if self.generator is not None:
+            return {}
+        total = max(int(self.drawn_per_source.sum()), 1)
+        return {source.name: int(count) / total for source, count in
+                zip(self.collection.sources, self.drawn_per_source)}  # fmt: skip
+
     def replay_memory_bytes(self) -> int:
         return self.replay.memory_bytes() if self.replay is not None else 0
 
     def state_dict(self) -> dict:
         state = {
             "student": self.student.state_dict(),
-            "generator": self.generator.state_dict(),
             "student_optimizer": self.student_optimizer.state_dict(),
-            "generator_optimizer": self.generator_optimizer.state_dict(),
             "student_schedule": self.student_schedule.state_dict(),
             "rng": self.rng.get_state(),
         }
+        if self.generator is not None:
+            state["generator"] = self.generator.state_dict()
+            state["generator_optimizer"] = self.generator_optimizer.state_dict()
+        else:
+            state["sampler"] = self.sampler.state_dict()
+            state["cpu_rng"] = self.cpu_rng.get_state()
+            state["drawn_per_source"] = self.drawn_per_source
         if self.replay is not None:
             state["replay"] = self.replay.state_dict()
         if self.bn_hooks is not None:
@@ -122,11 +150,16 @@ class Run:
 
     def load_state_dict(self, state: dict) -> None:
         self.student.load_state_dict(state["student"])
-        self.generator.load_state_dict(state["generator"])
         self.student_optimizer.load_state_dict(state["student_optimizer"])
-        self.generator_optimizer.load_state_dict(state["generator_optimizer"])
         self.student_schedule.load_state_dict(state["student_schedule"])
         self.rng.set_state(state["rng"])
+        if self.generator is not None:
+            self.generator.load_state_dict(state["generator"])
+            self.generator_optimizer.load_state_dict(state["generator_optimizer"])
+        else:
+            self.sampler.load_state_dict(state["sampler"])
+            self.cpu_rng.set_state(state["cpu_rng"])
+            self.drawn_per_source = state["drawn_per_source"].clone()
         if self.replay is not None:
             self.replay.load_state_dict(state["replay"])
         if self.bn_hooks is not None and "bn_ema" in state:
@@ -163,6 +196,20 @@ def check_networks(teacher, student, image_shape) -> int:
             f"{sizes['teacher']}, the student {sizes['student']}"
         )
     return sizes["teacher"]
+
+
+def _check_collection(collection, image_shape, config: DistillConfig) -> None:
+    if collection is None:
+        raise ValueError(f"method {config.method!r} needs a collection of unlabeled samples")
+    if not isinstance(collection, Collection):
+        raise TypeError(f"collection must be a dfkd_fast.unlabeled.Collection, got "
+                        f"{type(collection).__name__}")  # fmt: skip
+    if collection.image_shape != image_shape:
+        raise ValueError(f"the collection makes images of shape {collection.image_shape}, the "
+                         f"teacher takes {image_shape}")  # fmt: skip
+    if len(collection) < config.batch_size:
+        raise ValueError(f"the collection holds {len(collection)} samples, fewer than a batch "
+                         f"({config.batch_size})")  # fmt: skip
 
 
 def _prepare_output(output_dir, resume: bool, config: DistillConfig):
@@ -203,6 +250,7 @@ def distill(
     image_std: tuple[float, ...] | None = None,
     student_record: dict | None = None,
     progress: bool = True,
+    collection=None,
 ) -> DistillResult:
     """Distills `teacher` into `student` (trained in place) without data.
 
@@ -215,6 +263,9 @@ def distill(
             ``resume=True`` and otherwise refused.
         image_mean, image_std: the standardisation of the teacher's inputs, for the sample plots.
         student_record: extra entries for student.pt (a classifier record, see training).
+        collection: for ``method="unlabeled"``, the unlabeled samples
+            (a :class:`dfkd_fast.unlabeled.Collection` in the teacher's image format); scored by
+            ``config.score`` once (cached in output_dir).
     """
     if not isinstance(config, DistillConfig):
         raise TypeError(f"config must be a DistillConfig, got {type(config).__name__}")
@@ -224,15 +275,23 @@ def distill(
             f"test_set has {test_set.num_classes} classes, the teacher {num_classes}"
         )
     image_shape = tuple(image_shape)
+    if not config.data_free:
+        _check_collection(collection, image_shape, config)
+    elif collection is not None:
+        raise ValueError(f"method {config.method!r} is data-free: it takes no collection")
     directory, checkpoint = _prepare_output(output_dir, resume, config)
     has_bn = bool(batchnorm_layers(teacher))
-    if not has_bn and config.bn_weight > 0:
+    scored = None
+    if not config.data_free:
+        scored = score_collection(teacher, collection, config.score, device=config.device,
+                                  cache_dir=directory, progress=progress, seed=config.seed)  # fmt: skip
+    elif not has_bn and config.bn_weight > 0:
         warnings.warn(
             "the teacher has no BatchNorm layers: BatchNorm-statistic matching is disabled",
             UserWarning,
             stacklevel=2,
         )
-    run = Run(teacher, student, config, image_shape, bn_layers=has_bn)
+    run = Run(teacher, student, config, image_shape, has_bn, collection, scored)
     curve: list[dict] = []
     first_step, seconds_before, eval_seconds = 1, 0.0, 0.0
     if checkpoint is not None:
@@ -254,6 +313,8 @@ def distill(
     def write_report(step: int, seconds: float, finished: bool) -> dict:
         metrics = report.metrics(config, curve, run.replay_memory_bytes(), seconds,
                                  seconds - eval_seconds, step, finished)  # fmt: skip
+        if not config.data_free:
+            metrics["drawn_fraction_per_source"] = run.drawn_fractions()
         if directory is not None:
             report.write(directory, metrics, curve)
         return metrics
@@ -288,6 +349,6 @@ def distill(
             **(student_record or {}), "state_dict": run.student.state_dict(),
             "distill_config": config.to_dict(), "metrics": metrics["robustness"],
         })  # fmt: skip
-        report.plot(directory, curve, config.method, run, image_mean, image_std)
+        report.plot(directory, curve, config.method, run, image_mean, image_std, scored)
     return DistillResult(student=run.student.eval(), metrics=metrics, output_dir=directory,
                          curve=curve)  # fmt: skip

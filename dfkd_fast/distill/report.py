@@ -16,6 +16,9 @@ from dfkd_fast.io import atomic_write_bytes, atomic_write_json, atomic_write_tex
 from dfkd_fast.ops.reparameterize import sample_prior
 
 
+ACCURACY_LEVELS = (0.5, 0.9, 0.95, 0.98)
+
+
 def robustness(curve: list[dict]) -> dict:
     """Final, best, mean (the expected accuracy of a snapshot taken at a random evaluation) and
     variance of the accuracy curve, final minus best, and the largest drop between evaluations."""
@@ -23,6 +26,10 @@ def robustness(curve: list[dict]) -> dict:
     if not accuracies:
         return {}
     drops = [before - after for before, after in zip(accuracies, accuracies[1:])]
+    first_step_at = {
+        f"{level:.2f}": next((e["step"] for e in curve if e.get("accuracy", 0) >= level), None)
+        for level in ACCURACY_LEVELS
+    }
     return {
         "final_accuracy": accuracies[-1],
         "best_accuracy": max(accuracies),
@@ -31,6 +38,7 @@ def robustness(curve: list[dict]) -> dict:
         "final_minus_best": accuracies[-1] - max(accuracies),
         "largest_drop": max([0.0, *drops]),
         "evaluations": len(accuracies),
+        "first_step_at_accuracy": first_step_at,
     }
 
 
@@ -136,12 +144,43 @@ def plot_samples(path: Path, panels: dict[str, torch.Tensor], mean, std) -> bool
     return True
 
 
+def plot_score_histograms(path: Path, scores: torch.Tensor, source_index: torch.Tensor,
+                          names: list[str], score: str) -> bool:  # fmt: skip
+    pyplot = _pyplot()
+    if pyplot is None:
+        return False
+    figure, axes = pyplot.subplots(figsize=(6, 4))
+    finite = scores[torch.isfinite(scores)]
+    bins = torch.linspace(float(finite.min()), float(finite.max()), 60).tolist()
+    for source_id, name in enumerate(names):
+        values = scores[source_index == source_id]
+        axes.hist(values.tolist(), bins=bins, alpha=0.5, density=True, label=name)
+    axes.set(xlabel=f"{score} score (higher: more related)", ylabel="density",
+             title="relatedness to the teacher's task, per source")  # fmt: skip
+    axes.legend()
+    _save_figure(figure, path)
+    pyplot.close(figure)
+    return True
+
+
 @torch.no_grad()
-def plot(directory: Path, curve: list[dict], method: str, run, mean, std) -> list[str]:
-    """accuracy.png and samples.png (synthetic and, for the replay methods, replayed images)."""
+def plot(directory: Path, curve: list[dict], method: str, run, mean, std, scored=None):
+    """accuracy.png; samples.png (synthetic and, for the replay methods, replayed images; for
+    the unlabeled method, the most and least related samples); scores.png (unlabeled)."""
     written = []
     if plot_curves(directory / "accuracy.png", {method: curve}, f"{method}: student accuracy"):
         written.append("accuracy.png")
+    if scored is not None:
+        collection = run.collection
+        if plot_score_histograms(directory / "scores.png", scored.scores, collection.source_index,
+                                 collection.source_names, scored.score):  # fmt: skip
+            written.append("scores.png")
+        order = scored.scores.argsort(descending=True)
+        panels = {"most related": collection.batch(order[:32]),
+                  "least related": collection.batch(order[-32:])}  # fmt: skip
+        if plot_samples(directory / "samples.png", panels, mean, std):
+            written.append("samples.png")
+        return written
     rng = torch.Generator(run.device).manual_seed(run.config.seed + 1)
     latent = sample_prior(32, run.config.latent_dim, generator=rng, device=run.device)
     panels = {"synthetic (generator)": run.generator(latent)}

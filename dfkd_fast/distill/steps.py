@@ -6,6 +6,8 @@ update; they differ in what the student rehearses.
     pre-dfkd     (PRE-DFKD): the same, and the synthetic batch also trains a VAE; every student
                  batch mixes fresh samples with samples decoded by the VAE. No sample is stored.
     memory-bank  the same, but the replay samples come from a stored bank of past batches.
+    unlabeled    no generator: student steps on samples of an unlabeled collection, drawn by
+                 the teacher's relatedness scores, partly mixed (dfkd_fast.unlabeled).
 
 A step returns its losses as 0-d tensors (no host sync); the engine reads them at its logging
 interval. The student never backpropagates through the generator and the teacher runs without
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 
 from dfkd_fast.ops.kd_div import js_div, kd_div
 from dfkd_fast.ops.reparameterize import sample_prior
+from dfkd_fast.unlabeled.mixing import mix_batch
 
 
 def generator_loss(teacher_logits, student_logits, bn_loss, config):
@@ -103,5 +106,31 @@ def replay_step(run, step: int) -> dict:
     return losses
 
 
+def unlabeled_step(run, step: int) -> dict:
+    """Student updates on collection samples drawn by relatedness (`run.sampler`), part of each
+    batch mixed; targets are the teacher's outputs on the (mixed) inputs."""
+    config = run.config
+    for _ in range(config.student_steps):
+        indices = run.sampler.draw(config.batch_size, run.cpu_rng)
+        run.drawn_per_source += torch.bincount(run.collection.source_index[indices],
+                                               minlength=len(run.drawn_per_source))  # fmt: skip
+        images = run.collection.batch(indices).to(run.device, non_blocking=True)
+        images = mix_batch(images, config.mixup_fraction, config.cutmix_fraction, run.rng)
+        with torch.no_grad(), run.autocast():
+            teacher_logits = run.teacher(images)
+        with run.autocast():
+            divergences = kd_div(run.student(images), teacher_logits, config.temperature,
+                                 reduction="none")  # fmt: skip
+            loss = divergences.mean()
+        run.student_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.student_optimizer.step()
+        run.sampler.record(indices, divergences.detach())
+    if step % config.refresh_every == 0:
+        run.sampler.refresh()
+    run.student_schedule.step()
+    return {"student": loss.detach()}
+
+
 STEP_FUNCTIONS = {"adversarial": adversarial_step, "pre-dfkd": replay_step,
-                  "memory-bank": replay_step}  # fmt: skip
+                  "memory-bank": replay_step, "unlabeled": unlabeled_step}  # fmt: skip
