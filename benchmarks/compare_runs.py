@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from dfkd_fast.distill.report import plot_curves
+from dfkd_fast.distill.report import plot_curves, robustness
 from dfkd_fast.io import atomic_write_json
 
-COLUMNS = ("final", "best", "mean", "variance", "final - best", "replay memory", "wall time",
-           "student img/s")  # fmt: skip
+COLUMNS = ("final", "best", "mean", "variance", "final - best", "first step at 95%",
+           "replay memory", "wall time", "student img/s", "drawn per source")  # fmt: skip
 
 
 def machine() -> dict:
@@ -32,7 +32,7 @@ def machine() -> dict:
 
 
 def summary_row(name: str, metrics: dict) -> list[str]:
-    numbers = metrics["robustness"]
+    numbers = robustness(metrics["curve"])
     return [
         name,
         f"{numbers['final_accuracy']:.2%}",
@@ -40,9 +40,12 @@ def summary_row(name: str, metrics: dict) -> list[str]:
         f"{numbers['mean_accuracy']:.2%}",
         f"{numbers['accuracy_variance']:.2e}",
         f"{numbers['final_minus_best']:+.2%}",
+        str(numbers["first_step_at_accuracy"]["0.95"] or "never"),
         f"{metrics['replay_memory_bytes'] / 2**20:.2f} MiB",
         f"{metrics['seconds'] / 60:.1f} min",
         f"{metrics['student_images_per_second']:.0f}",
+        ", ".join(f"{name} {share:.1%}" for name, share in
+                  metrics.get("drawn_fraction_per_source", {}).items()) or "-",
     ]
 
 

@@ -80,8 +80,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="default: the usual student of the teacher's architecture")  # fmt: skip
     run.add_argument("--test-data", type=Path, help="folder of the teacher's test data, "
                      "evaluated for the report only")  # fmt: skip
-    run.add_argument("--preset", choices=list(PRESETS), help="defaults for a shipped example "
-                     "(default: the teacher's data set)")  # fmt: skip
+    run.add_argument("--preset", choices=[p for p in PRESETS if not p.endswith("-unlabeled")],
+                     help="defaults for a shipped example (default: the teacher's data set; its "
+                     "-unlabeled variant for --method unlabeled)")  # fmt: skip
     run.add_argument("--output-dir", type=Path, help="default: runs/<dataset>-<method>")
     run.add_argument("--resume", action="store_true", help="continue the run in --output-dir "
                      "(or start it if there is none)")

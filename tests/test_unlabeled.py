@@ -206,3 +206,16 @@ def test_mixing_keeps_the_rest_of_the_batch_and_mixes_within_it():
     for row in mixed[2:6]:  # cutmix: every pixel is some batch image's value
         assert set(row.unique().tolist()) <= set(range(8))
     assert torch.equal(mix_batch(images, 0.0, 0.0, generator), images)
+
+
+def test_an_image_folder_is_a_source(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    pixels = uint8_images(3, 3, 5).permute(0, 2, 3, 1).numpy()
+    for index, image in enumerate(pixels):
+        Image.fromarray(image).save(tmp_path / f"{index}.png")
+    source = source_from_spec(str(tmp_path), (1, 8, 8))
+    assert source.images.shape == (3, 3, 5, 5)
+    assert torch.equal(source.images, torch.from_numpy(pixels).permute(0, 3, 1, 2))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no image files"):
+        source_from_spec(str(tmp_path / "empty"), (1, 8, 8))

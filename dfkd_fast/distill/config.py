@@ -50,9 +50,11 @@ class DistillConfig:
     replay_fraction: float = 0.5
     replay_start: float = 0.1
     # pre-dfkd's VAE: loss = pixel MSE + vae_output_weight * KD(teacher(recon), teacher(x))
-    #   + vae_kl_weight * KL / pixels; it also rehearses its own samples (vae_self_replay of a batch)
+    #   + vae_kl_weight * KL / pixels, on vae_batch_size of each step's synthetic images; it also
+    #   rehearses its own samples (vae_self_replay of that many)
+    vae_batch_size: int = 128
     vae_latent_dim: int = 64
-    vae_width: int = 32
+    vae_width: int = 16
     vae_lr: float = 1e-3
     vae_output_weight: float = 1.0
     vae_kl_weight: float = 0.1
@@ -96,7 +98,7 @@ class DistillConfig:
         if not isinstance(self.class_balance, bool) or not isinstance(self.amp, bool):
             raise TypeError("class_balance and amp must be bools")
         positive = ("steps", "student_steps", "batch_size", "latent_dim", "generator_width",
-                    "vae_latent_dim", "vae_width", "memory_bank_size", "eval_every",
+                    "vae_batch_size", "vae_latent_dim", "vae_width", "memory_bank_size", "eval_every",
                     "checkpoint_every", "refresh_every")  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:
@@ -160,6 +162,13 @@ PRESETS: dict[str, dict] = {
                    memory_bank_size=4096, eval_every=25, checkpoint_every=50),
     # MNIST, LeNet-5 -> LeNet-5-half (no BatchNorm in the teacher: DAFL's losses only)
     "mnist": dict(),
+    # unlabeled collections: one student step per step, soft targets at T = 4
+    "mnist-unlabeled": dict(steps=3000, student_steps=1, temperature=4.0, score="msp",
+                            policy_temperature=2.0, mixup_fraction=0.5, cutmix_fraction=0.5,
+                            eval_every=100, checkpoint_every=500),
+    "cifar10-unlabeled": dict(steps=3000, student_steps=1, temperature=4.0, batch_size=128,
+                              score="bn-typicality", policy_temperature=2.0, mixup_fraction=0.5,
+                              cutmix_fraction=0.5, eval_every=100, checkpoint_every=500),
     # CIFAR-10 ResNets: DeepInversion-weighted BatchNorm matching, wider generator
     "cifar10": dict(batch_size=256, latent_dim=256, generator_width=64, generator_lr=1e-3,
                     student_steps=5, confidence_weight=0.5, balance_weight=5.0,
@@ -169,6 +178,9 @@ PRESETS: dict[str, dict] = {
 
 
 def preset_config(preset: str | None, **overrides) -> DistillConfig:
+    """The preset's fields (its '-unlabeled' variant for that method), then `overrides`."""
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    if overrides.get("method") == "unlabeled" and f"{preset}-unlabeled" in PRESETS:
+        preset = f"{preset}-unlabeled"
     return DistillConfig(**{**PRESETS.get(preset, {}), **overrides})
