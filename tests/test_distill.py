@@ -333,3 +333,20 @@ def test_config_round_trips_and_presets_apply():
         DistillConfig.from_dict({"colour": 1})
     with pytest.raises(ValueError, match="preset must be one of"):
         preset_config("imagenet")
+
+
+def test_student_gradient_clipping_bounds_the_update():
+    from dfkd_fast.distill.steps import student_step
+
+    changes = {}
+    for clip in (0.0, 1e-3):
+        teacher, student = networks()
+        config = DistillConfig(**TINY, student_grad_clip=clip, student_weight_decay=0.0)
+        run_state = engine.Run(teacher, student, config, IMAGE_SHAPE, bn_layers=True)
+        before = [p.detach().clone() for p in run_state.student.parameters()]
+        student_step(run_state, replay_count=0)
+        changes[clip] = torch.sqrt(sum(((p - b) ** 2).sum() for p, b in
+                                       zip(run_state.student.parameters(), before)))  # fmt: skip
+    # SGD's first step moves the weights by lr * gradient: at most lr * clip when clipped
+    assert changes[1e-3] <= TINY.get("student_lr", 0.1) * 1e-3 * (1 + 1e-5)
+    assert changes[0.0] > 10 * changes[1e-3]

@@ -195,6 +195,12 @@ def test_sampling_policies():
     assert p[2] / p[0] == pytest.approx(2.5 / 2.0) and p[3] / p[0] == pytest.approx(1.5 / 2.0)
     with pytest.raises(ValueError, match="policy must be"):
         base_weights(scores, "greedy", 1.0, 0.1)
+    # a uniform share keeps every sample reachable under a sharp policy
+    sharp = RelatednessSampler(scores, predictions, "top-k", top_fraction=0.2,
+                               class_balance=False, uniform_share=0.3)  # fmt: skip
+    expected = torch.full((6,), 0.05)
+    expected[5] += 0.7
+    torch.testing.assert_close(sharp.probabilities, expected)
 
 
 def test_mixing_keeps_the_rest_of_the_batch_and_mixes_within_it():

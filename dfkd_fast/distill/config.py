@@ -36,6 +36,7 @@ class DistillConfig:
     # student: SGD with momentum 0.9, cosine decay to 0 over the run
     student_lr: float = 0.1
     student_weight_decay: float = 5e-4
+    student_grad_clip: float = 0.0  # max gradient norm of a student update (0: no clipping)
     temperature: float = 1.0
     # generator loss: bn * BN-statistic matching + confidence * CE(teacher, argmax teacher)
     #   + balance * (negative entropy of the mean teacher prediction) - adversarial * JS(student, teacher)
@@ -69,6 +70,7 @@ class DistillConfig:
     top_fraction: float = 0.1
     class_balance: bool = True
     disagreement_weight: float = 1.0
+    uniform_share: float = 0.0  # of the sampling probability spread uniformly
     refresh_every: int = 50
     mixup_fraction: float = 0.25
     cutmix_fraction: float = 0.25
@@ -109,6 +111,8 @@ class DistillConfig:
         for name in ("replay_fraction", "replay_start", "vae_self_replay", "bn_momentum"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.uniform_share > 1:
+            raise ValueError(f"uniform_share must be in [0, 1], got {self.uniform_share}")
         if not 0 < self.top_fraction <= 1 or self.policy_temperature <= 0:
             raise ValueError("top_fraction must be in (0, 1] and policy_temperature > 0")
         if self.mixup_fraction + self.cutmix_fraction > 1:

@@ -83,7 +83,7 @@ class Run:
             self.sampler = RelatednessSampler(
                 scored.scores, scored.predictions, config.policy, config.policy_temperature,
                 config.top_fraction, config.class_balance, config.disagreement_weight,
-                self.device,
+                config.uniform_share, self.device,
             )  # fmt: skip
             self.cpu_rng = torch.Generator().manual_seed(config.seed)
             self.drawn_per_source = torch.zeros(len(collection.sources), dtype=torch.long)

@@ -67,6 +67,14 @@ def generator_step(run) -> tuple[torch.Tensor, torch.Tensor, dict]:
     return images.detach(), teacher_logits.detach(), losses
 
 
+def update_student(run, loss: torch.Tensor) -> None:
+    run.student_optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if run.config.student_grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.student.parameters(), run.config.student_grad_clip)
+    run.student_optimizer.step()
+
+
 def student_step(run, replay_count: int) -> torch.Tensor:
     """One student update on fresh generator samples, `replay_count` of them replaced by replay
     samples; the teacher's soft outputs are the targets."""
@@ -80,9 +88,7 @@ def student_step(run, replay_count: int) -> torch.Tensor:
         teacher_logits = run.teacher(images)
     with run.autocast():
         loss = kd_div(run.student(images), teacher_logits, config.temperature)
-    run.student_optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    run.student_optimizer.step()
+    update_student(run, loss)
     return loss.detach()
 
 
@@ -125,9 +131,7 @@ def unlabeled_step(run, step: int) -> dict:
             divergences = kd_div(run.student(images), teacher_logits, config.temperature,
                                  reduction="none")  # fmt: skip
             loss = divergences.mean()
-        run.student_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        run.student_optimizer.step()
+        update_student(run, loss)
         run.sampler.record(indices, divergences.detach())
     if step % config.refresh_every == 0:
         run.sampler.refresh()

@@ -9,6 +9,8 @@ collection dominated by look-alikes of one class still teaches every class. With
 `disagreement_weight` > 0 the probabilities are refreshed every `refresh_every` steps: each is
 multiplied by 1 + w * d_i / mean(d), d_i the latest KD divergence between student and teacher on
 sample i (samples not yet drawn keep the mean), favouring what the student has not learnt yet.
+A `uniform_share` of the probability is spread over the whole collection, so that a sharp policy
+keeps the breadth of the rest of it.
 """
 
 from __future__ import annotations
@@ -45,9 +47,13 @@ class RelatednessSampler:
 
     def __init__(self, scores: torch.Tensor, predictions: torch.Tensor, policy: str,
                  temperature: float = 1.0, top_fraction: float = 0.1, class_balance: bool = True,
-                 disagreement_weight: float = 0.0, device="cpu"):  # fmt: skip
+                 disagreement_weight: float = 0.0, uniform_share: float = 0.0,
+                 device="cpu"):  # fmt: skip
         if len(scores) == 0:
             raise ValueError("cannot sample from an empty collection")
+        if not 0 <= uniform_share <= 1:
+            raise ValueError(f"uniform_share must be in [0, 1], got {uniform_share}")
+        self.uniform_share = uniform_share
         weights = base_weights(scores.float().cpu(), policy, temperature, top_fraction)
         if class_balance:
             weights = balance_classes(weights, predictions.cpu())
@@ -55,7 +61,11 @@ class RelatednessSampler:
         self.disagreement_weight = disagreement_weight
         # the latest per-sample divergence, kept on the device: recording it needs no sync
         self.disagreement = torch.full((len(scores),), float("nan"), device=device)
-        self.probabilities = self.base.clone()
+        self.probabilities = self._with_uniform_share(self.base)
+
+    def _with_uniform_share(self, weights: torch.Tensor) -> torch.Tensor:
+        probabilities = weights / weights.sum()
+        return (1 - self.uniform_share) * probabilities + self.uniform_share / len(probabilities)
 
     def draw(self, count: int, generator: torch.Generator) -> torch.Tensor:
         return torch.multinomial(self.probabilities, count, replacement=True, generator=generator)
@@ -75,7 +85,7 @@ class RelatednessSampler:
         mean = divergence[seen].mean().clamp_min(1e-12)
         relative = torch.where(seen, divergence / mean, torch.ones_like(divergence))
         weights = self.base * (1.0 + self.disagreement_weight * relative)
-        self.probabilities = weights / weights.sum()
+        self.probabilities = self._with_uniform_share(weights)
 
     def state_dict(self) -> dict:
         return {"disagreement": self.disagreement, "probabilities": self.probabilities}
