@@ -16,16 +16,17 @@ from dfkd_fast.data import DATASETS, load_dataset, load_digits
 from dfkd_fast.distill import METHODS, PRESETS, DistillConfig, distill, preset_config
 from dfkd_fast.models import CLASSIFIERS, build_classifier
 from dfkd_fast.models.cifar import PRETRAINED_MEAN, PRETRAINED_STD
-from dfkd_fast.unlabeled import Collection
 from dfkd_fast.training import (
     ClassifierInfo,
     TrainConfig,
     accuracy,
+    classifier_record,
     default_output,
     load_classifier,
     save_classifier,
     train_classifier,
 )
+from dfkd_fast.unlabeled import Collection
 
 DEFAULT_STUDENTS = {"lenet5": "lenet5_half", "resnet56": "resnet20", "resnet44": "resnet20",
                     "resnet32": "resnet20", "resnet34": "resnet18", "wrn40_2": "wrn16_2",
@@ -177,9 +178,8 @@ def distill_command(arguments: dict) -> int:
                                            info.std)  # fmt: skip
     elif arguments["collection"]:
         raise UsageError("--collection is for --method unlabeled")
-    record = {"classifier": {**dataclasses.asdict(info), "arch": student_arch,
-                             "image_shape": list(info.image_shape), "mean": list(info.mean),
-                             "std": list(info.std), "test_accuracy": float("nan")}}  # fmt: skip
+    student_info = dataclasses.replace(info, arch=student_arch, test_accuracy=float("nan"))
+    record = {"classifier": classifier_record(student_info)}
     result = distill(teacher, student, config, info.image_shape, test_set=test,
                      output_dir=output_dir, resume=arguments["resume"], image_mean=info.mean,
                      image_std=info.std, student_record=record,

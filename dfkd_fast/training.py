@@ -120,11 +120,17 @@ def train_classifier(
     return curve
 
 
-def save_classifier(path: str | os.PathLike, model: nn.Module, info: ClassifierInfo) -> None:
+def classifier_record(info: ClassifierInfo) -> dict:
+    """`info` as plain data (lists, not tuples) for a weights_only checkpoint."""
     record = asdict(info)
     record["image_shape"] = list(info.image_shape)
     record["mean"], record["std"] = list(info.mean), list(info.std)
-    atomic_torch_save(path, {"classifier": record, "state_dict": model.state_dict()})
+    return record
+
+
+def save_classifier(path: str | os.PathLike, model: nn.Module, info: ClassifierInfo) -> None:
+    atomic_torch_save(path, {"classifier": classifier_record(info),
+                             "state_dict": model.state_dict()})  # fmt: skip
 
 
 def load_classifier(

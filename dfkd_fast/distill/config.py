@@ -7,10 +7,11 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from dfkd_fast.unlabeled.sampling import POLICIES
+from dfkd_fast.unlabeled.scores import SCORES
+
 DATA_FREE_METHODS = ("adversarial", "pre-dfkd", "memory-bank")
 METHODS = (*DATA_FREE_METHODS, "unlabeled")
-SCORES = ("msp", "entropy", "energy", "odin", "bn-typicality")
-POLICIES = ("uniform", "top-k", "proportional")
 
 # Fields that change what a run computes are compared on --resume; these do not.
 RESUMABLE_CHANGES = frozenset({"eval_every", "checkpoint_every"})

@@ -103,7 +103,7 @@ class Run:
             return GenerativeReplay(
                 self.image_shape, config.vae_latent_dim, config.vae_width, config.vae_lr,
                 config.vae_output_weight, config.vae_kl_weight, config.vae_self_replay,
-                self.device,
+                self.device, config.vae_batch_size,
             )  # fmt: skip
         if config.method == "memory-bank":
             return MemoryBank(self.image_shape, config.memory_bank_size, self.device)

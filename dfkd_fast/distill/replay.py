@@ -26,8 +26,9 @@ def tensor_bytes(tensors) -> int:
 
 class GenerativeReplay:
     def __init__(self, image_shape, latent_dim: int, width: int, lr: float, output_weight: float,
-                 kl_weight: float, self_replay: float, device):  # fmt: skip
+                 kl_weight: float, self_replay: float, device, batch_size: int | None = None):  # fmt: skip
         self.vae = VAE(image_shape, latent_dim, width).to(device)
+        self.batch_size = batch_size  # synthetic images learnt per update (None: all given)
         self.optimizer = torch.optim.Adam(self.vae.parameters(), lr=lr)
         self.output_weight = output_weight
         self.kl_weight = kl_weight
@@ -37,6 +38,7 @@ class GenerativeReplay:
     def update(self, images, teacher_logits, teacher: nn.Module, generator: torch.Generator):
         """One VAE step on a batch of synthetic images and the teacher's logits on them (and on
         the VAE's own replay of earlier ones)."""
+        images, teacher_logits = images[: self.batch_size], teacher_logits[: self.batch_size]
         rehearsed = round(len(images) * self.self_replay) if self.updates else 0
         if rehearsed:
             old_images = self.sample(rehearsed, generator)

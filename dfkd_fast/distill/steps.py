@@ -19,7 +19,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dfkd_fast.distill.replay import GenerativeReplay
 from dfkd_fast.ops.kd_div import js_div, kd_div
 from dfkd_fast.ops.reparameterize import sample_prior
 from dfkd_fast.unlabeled.mixing import mix_batch
@@ -103,9 +102,7 @@ def adversarial_step(run, step: int) -> dict:
 def replay_step(run, step: int) -> dict:
     """pre-dfkd and memory-bank: `run.replay` is a GenerativeReplay or a MemoryBank."""
     images, teacher_logits, losses = generator_step(run)
-    kept = run.config.vae_batch_size if isinstance(run.replay, GenerativeReplay) else len(images)
-    replay_loss = run.replay.update(images[:kept].float(), teacher_logits[:kept], run.teacher,
-                                    run.rng)  # fmt: skip
+    replay_loss = run.replay.update(images.float(), teacher_logits, run.teacher, run.rng)
     if replay_loss is not None:
         losses["replay"] = replay_loss
     replay_count = run.config.replay_batch_size if step >= run.config.first_replay_step else 0

@@ -63,7 +63,7 @@ class BNTypicality:
     inputs; `calibrate` sets each layer's scale to the mean distance of Gaussian noise."""
 
     def __init__(self, teacher: nn.Module):
-        self.layers = [layer for layer in batchnorm_layers(teacher)]
+        self.layers = batchnorm_layers(teacher)
         if not self.layers:
             raise ValueError("bn-typicality needs a teacher with BatchNorm layers; this one has "
                              "none (use msp, entropy, energy or odin)")  # fmt: skip
