@@ -28,7 +28,7 @@ from dfkd_fast.ops.bn_stats import (
     bn_stat_loss,
 )
 
-__all__ = ["BNStatHooks", "batchnorm_layers"]
+__all__ = ["BNStatHooks", "PenultimateFeatures", "batchnorm_layers"]
 
 
 def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -201,3 +201,37 @@ class BNStatHooks:
             else:
                 for average, batch in zip(ema, stats):
                     average.lerp_(batch, 1.0 - self.momentum)
+
+
+class PenultimateFeatures:
+    """Context manager that keeps the input of a classifier's last ``nn.Linear`` (its penultimate
+    features) while it runs, for DAFL's activation loss:
+
+        with PenultimateFeatures(teacher) as features:
+            logits = teacher(images)
+        activation = features.value.abs().mean()
+    """
+
+    def __init__(self, classifier: nn.Module):
+        if not isinstance(classifier, nn.Module):
+            raise TypeError(f"classifier must be an nn.Module, got {type(classifier).__name__}")
+        linears = [module for module in classifier.modules() if isinstance(module, nn.Linear)]
+        if not linears:
+            raise ValueError("classifier has no nn.Linear layer whose input could be read")
+        self.layer = linears[-1]
+        self.value: torch.Tensor | None = None
+        self._handle = None
+
+    def __enter__(self) -> PenultimateFeatures:
+        if self._handle is not None:
+            raise RuntimeError("PenultimateFeatures is already active; it cannot be entered twice")
+        self.value = None
+        self._handle = self.layer.register_forward_pre_hook(self._record)
+        return self
+
+    def __exit__(self, exc_type, exc_value, traceback) -> None:
+        self._handle.remove()
+        self._handle = None
+
+    def _record(self, layer, inputs) -> None:
+        self.value = inputs[0]

@@ -350,3 +350,27 @@ def test_student_gradient_clipping_bounds_the_update():
     # SGD's first step moves the weights by lr * gradient: at most lr * clip when clipped
     assert changes[1e-3] <= TINY.get("student_lr", 0.1) * 1e-3 * (1 + 1e-5)
     assert changes[0.0] > 10 * changes[1e-3]
+
+
+def test_the_activation_term_rewards_strong_teacher_features():
+    from dfkd_fast.distill.steps import generator_loss
+
+    teacher_logits, student_logits = torch.randn(6, 10), torch.randn(6, 10)
+    features = torch.randn(6, 84)
+    config = DistillConfig(activation_weight=0.25)
+    with_features, _ = generator_loss(teacher_logits, student_logits, None, features, config)
+    without, _ = generator_loss(teacher_logits, student_logits, None, None, config)
+    expected = 0.25 * features.double().abs().mean()
+    torch.testing.assert_close((without - with_features).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_run_with_the_activation_term_captures_the_teachers_features():
+    from dfkd_fast.distill.steps import generator_step
+
+    teacher, student = networks()
+    config = DistillConfig(**TINY, activation_weight=0.1)
+    run_state = engine.Run(teacher, student, config, IMAGE_SHAPE, bn_layers=True)
+    generator_step(run_state)
+    assert run_state.feature_hooks.value.shape == (TINY["batch_size"], 8)  # small_cnn(4)'s last Linear
+    assert run_state.feature_hooks.value.grad_fn is not None
+    assert engine.Run(teacher, student, DistillConfig(**TINY), IMAGE_SHAPE, True).feature_hooks is None

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import dfkd_fast
-from dfkd_fast.hooks import batchnorm_layers
+from dfkd_fast.hooks import PenultimateFeatures, batchnorm_layers
 from dfkd_fast.models import cifar_resnet, load_pretrained_cifar_resnet, small_cnn
 from dfkd_fast.ops.bn_stats import bn_stats_reference, statistics_loss_reference
 
@@ -219,3 +219,22 @@ def test_layers_that_did_not_run_are_reported():
         model(torch.randn(2, 3, 4, 4))
         with pytest.warns(RuntimeWarning, match="only 1 of 2 BatchNorm layers ran"):
             matching.loss()
+
+
+def test_penultimate_features_are_the_last_linear_input_and_the_hook_is_removed():
+    torch.manual_seed(0)
+    classifier = small_cnn(4).eval()
+    images = torch.randn(5, 1, 8, 8)
+    last_linear = [m for m in classifier.modules() if isinstance(m, nn.Linear)][-1]
+    expected = {}
+    handle = last_linear.register_forward_pre_hook(lambda m, inputs: expected.update(x=inputs[0]))
+    logits = classifier(images)
+    handle.remove()
+    with PenultimateFeatures(classifier) as features:
+        assert torch.equal(classifier(images), logits)
+    assert torch.equal(features.value, expected["x"])
+    assert not last_linear._forward_pre_hooks
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        PenultimateFeatures(nn.Sequential(nn.Conv2d(1, 2, 3)))
+    with pytest.raises(TypeError, match="classifier must be an nn.Module"):
+        PenultimateFeatures("lenet5")

@@ -41,12 +41,14 @@ class DistillConfig:
     temperature: float = 1.0
     # generator loss: bn * BN-statistic matching + confidence * CE(teacher, argmax teacher)
     #   + balance * (negative entropy of the mean teacher prediction) - adversarial * JS(student, teacher)
+    #   - activation * mean |teacher's penultimate features| (DAFL)
     bn_weight: float = 1.0
     first_bn_multiplier: float = 10.0
     bn_momentum: float = 0.0  # Fast-DFKD's EMA blending of batch statistics (0: off)
     confidence_weight: float = 1.0
     balance_weight: float = 5.0
     adversarial_weight: float = 1.0
+    activation_weight: float = 0.0
     # replay (pre-dfkd, memory-bank): this fraction of every student batch is replayed, from
     # replay_start (a fraction of the run) on
     replay_fraction: float = 0.5

@@ -24,7 +24,7 @@ from dfkd_fast.distill import report
 from dfkd_fast.distill.config import DistillConfig
 from dfkd_fast.distill.replay import GenerativeReplay, MemoryBank
 from dfkd_fast.distill.steps import STEP_FUNCTIONS
-from dfkd_fast.hooks import BNStatHooks, batchnorm_layers
+from dfkd_fast.hooks import BNStatHooks, PenultimateFeatures, batchnorm_layers
 from dfkd_fast.io import atomic_torch_save, ensure_writable_dir, load_checkpoint
 from dfkd_fast.models.generator import Generator, check_image_shape
 from dfkd_fast.training import accuracy
@@ -64,6 +64,7 @@ class Run:
         self.student = student.to(self.device, memory_format=memory_format).train()
         self.rng = torch.Generator(self.device).manual_seed(config.seed)
         self.generator = self.generator_optimizer = self.replay = self.bn_hooks = None
+        self.feature_hooks = None
         if config.data_free:
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 torch.manual_seed(config.seed)
@@ -76,6 +77,8 @@ class Run:
             if bn_layers and config.bn_weight > 0:
                 self.bn_hooks = BNStatHooks(self.teacher, first_layer_weight=config.first_bn_multiplier,
                                             momentum=config.bn_momentum)  # fmt: skip
+            if config.activation_weight > 0:
+                self.feature_hooks = PenultimateFeatures(self.teacher)
         else:
             if collection is None or scored is None:
                 raise ValueError(f"method {config.method!r} needs a collection")
@@ -116,6 +119,9 @@ class Run:
 
     def bn_matching(self):
         return self.bn_hooks if self.bn_hooks is not None else contextlib.nullcontext()
+
+    def penultimate_features(self):
+        return self.feature_hooks if self.feature_hooks is not None else contextlib.nullcontext()
 
     def drawn_fractions(self) -> dict[str, float]:
         """unlabeled: the fraction of drawn samples that came from each source."""

@@ -24,9 +24,10 @@ from dfkd_fast.ops.reparameterize import sample_prior
 from dfkd_fast.unlabeled.mixing import mix_batch
 
 
-def generator_loss(teacher_logits, student_logits, bn_loss, config):
-    """DAFL's confidence and class-balance terms, DeepInversion's BN-statistic matching, and
-    the student/teacher disagreement (Jensen-Shannon, PRE-DFKD) that the generator maximises."""
+def generator_loss(teacher_logits, student_logits, bn_loss, features, config):
+    """DAFL's confidence, class-balance and activation terms, DeepInversion's BN-statistic
+    matching, and the student/teacher disagreement (Jensen-Shannon, PRE-DFKD) that the generator
+    maximises. `bn_loss` and `features` (the teacher's penultimate features) may be None."""
     confidence = F.cross_entropy(teacher_logits, teacher_logits.argmax(dim=1))
     mean_prediction = teacher_logits.float().softmax(dim=1).mean(dim=0)
     negative_entropy = (mean_prediction * mean_prediction.clamp_min(1e-12).log()).sum()
@@ -38,6 +39,8 @@ def generator_loss(teacher_logits, student_logits, bn_loss, config):
     )
     if bn_loss is not None:
         loss = loss + config.bn_weight * bn_loss
+    if features is not None:
+        loss = loss - config.activation_weight * features.float().abs().mean()
     return loss, disagreement
 
 
@@ -49,11 +52,13 @@ def generator_step(run) -> tuple[torch.Tensor, torch.Tensor, dict]:
     run.student.requires_grad_(False)
     with run.autocast():
         images = run.generator(latent)
-        with run.bn_matching() as bn_matching:
+        with run.bn_matching() as bn_matching, run.penultimate_features() as features:
             teacher_logits = run.teacher(images)
         student_logits = run.student(images)
         bn_loss = bn_matching.loss() if bn_matching is not None else None
-        loss, disagreement = generator_loss(teacher_logits, student_logits, bn_loss, config)
+        features = features.value if features is not None else None
+        loss, disagreement = generator_loss(teacher_logits, student_logits, bn_loss, features,
+                                            config)  # fmt: skip
     run.generator_optimizer.zero_grad(set_to_none=True)
     loss.backward()
     run.generator_optimizer.step()
