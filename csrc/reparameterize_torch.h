@@ -50,7 +50,10 @@ inline RowLayout check_forward_args(const at::Tensor& mu, const at::Tensor& logv
                     "num_samples must be in [1, 2^31 - 1], got ", num_samples);
   if (generator.has_value()) {
     const at::Device device = generator->device();
-    TORCH_CHECK_VALUE(device.is_cpu() || device == mu.device(),
+    // torch.Generator("cuda") reports no index: it means the current device
+    const bool same_device = device.type() == mu.device().type() &&
+                             (!device.has_index() || device.index() == mu.device().index());
+    TORCH_CHECK_VALUE(device.is_cpu() || same_device,
                       "generator must be a CPU generator or one on the device of mu (",
                       mu.device(), "), got one on ", device);
   }

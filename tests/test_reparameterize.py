@@ -155,6 +155,17 @@ def test_cuda_generator_keeps_the_key_on_the_device():
     SAMPLE[torch.float32].assert_close(first, expected)
 
 
+@requires_cuda
+@pytest.mark.parametrize("device", ["cuda", torch.device("cuda")], ids=["string", "device"])
+def test_a_cuda_generator_without_an_index_is_on_the_current_device(device):
+    # the distillation engine makes its generator as torch.Generator(torch.device("cuda"))
+    mu, logvar = random_inputs((8, 16), torch.float32, "cuda:0")
+    generator = torch.Generator(device).manual_seed(9)
+    first = dfkd_fast.reparameterize(mu, logvar, generator=generator)
+    z, _ = torch.ops.dfkd_fast.reparameterize(mu, logvar, 1, generator.manual_seed(9))
+    SAMPLE[torch.float32].assert_close(z.reshape(first.shape), first)
+
+
 # ------------------------------------------------------------------------------------------
 # The distribution
 # ------------------------------------------------------------------------------------------
@@ -247,7 +258,7 @@ def test_long_rows_sum_their_kl_over_several_parts(device):
     mu, logvar = random_inputs((3, 70_001), torch.float32, device, seed=8)
     _, kl = dfkd_fast.reparameterize(mu, logvar, return_kl=True)
     _, expected = reparameterize_reference(
-        mu.double(), logvar.double(), noise=torch.zeros(1, 3, 70_001)
+        mu.double(), logvar.double(), noise=torch.zeros(1, 3, 70_001, device=device)
     )
     KL.assert_close(kl, expected)
 

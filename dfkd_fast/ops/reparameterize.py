@@ -209,11 +209,18 @@ def _check_inputs(mu, logvar, num_samples, generator) -> None:
             raise TypeError(
                 f"generator must be a torch.Generator or None, got {type(generator).__name__}"
             )
-        if generator.device.type != "cpu" and generator.device != mu.device:
+        if generator.device.type != "cpu" and _indexed(generator.device) != _indexed(mu.device):
             raise ValueError(
                 f"generator must be a CPU generator or one on the device of mu ({mu.device}), "
                 f"got one on {generator.device}"
             )
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """`device` with its index filled in: torch.Generator("cuda") reports no index."""
+    if device.index is None and device.type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _sample(mu, logvar, num_samples, generator) -> tuple[torch.Tensor, torch.Tensor]:
