@@ -3,6 +3,7 @@ benchmarks/results/, and prints the markdown tables for docs/benchmarks.md.
 
     python benchmarks/run_all.py                      # every op, every available device
     python benchmarks/run_all.py --ops kd_div --device cuda
+    python benchmarks/run_all.py --benchmark-args="--benchmark-max-time=0.25"   # quicker rounds
 
 On a GPU machine this is the one command to refresh the GPU numbers (copy bandwidth included).
 """
@@ -39,7 +40,10 @@ def main() -> int:
     parser.add_argument("--ops", nargs="+", default=list(SUITES), choices=list(SUITES))
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
                         help="only this device (default: every available one)")
+    parser.add_argument("--benchmark-args", default="",
+                        help="extra pytest-benchmark options, one string (split on spaces)")
     arguments = parser.parse_args()
+    failed = []
     devices = [arguments.device] if arguments.device else (
         ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     for device in devices:
@@ -48,15 +52,19 @@ def main() -> int:
             command = [
                 sys.executable, "-m", "pytest", "-q", str(HERE / "bench_memory.py"),
                 str(HERE / f"bench_{op}.py"), "-k", device, f"--benchmark-json={output}",
+                *arguments.benchmark_args.split(),
             ]
             print("+", " ".join(command), flush=True)
             if subprocess.run(command, cwd=HERE).returncode != 0:
-                return 1
+                failed.append(f"{op} on {device}")
+                continue
             cases, _ = load_cases(str(output))
             for table_op in SUITES[op]:
                 text = step_table(cases) if table_op == "distill_step" else table(cases, table_op)
                 print(f"\n### {table_op} on {device}\n\n{text}\n", flush=True)
-    return 0
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
