@@ -5,15 +5,21 @@ import triton.language as tl
 
 
 @triton.jit
-def store_rounded(pointer, value, mask):
-    """Stores float32 `value` in the pointer's dtype, rounding to nearest even.
+def round_to_bfloat16(value):
+    """float32 `value` rounded to the nearest bfloat16 (ties to even), still as float32.
 
-    float32 -> bfloat16 rounds on the bits (the interpreter would truncate, GPUs round): the
-    rounded value's low 16 bits are cleared, so the conversion that follows is exact everywhere;
-    leaving them set would round twice on a GPU.
+    Done on the bits because a float32 -> bfloat16 cast truncates in the interpreter and rounds on
+    GPUs: the low 16 bits come out cleared, so the cast that follows is exact everywhere; left set,
+    they would make a GPU round a second time. NaN passes through.
     """
+    bits = value.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return tl.where(value != value, value, bits.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def store_rounded(pointer, value, mask):
+    """Stores float32 `value` in the pointer's dtype, rounding to nearest even."""
     if pointer.dtype.element_ty == tl.bfloat16:
-        bits = value.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        value = tl.where(value != value, value, bits.to(tl.float32, bitcast=True))
+        value = round_to_bfloat16(value)
     tl.store(pointer, value.to(pointer.dtype.element_ty), mask=mask)
