@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <c10/util/Exception.h>
 #include <c10/util/accumulate.h>
 
@@ -29,6 +30,10 @@ inline DType kernel_dtype(const at::Tensor& tensor, const char* name) {
   }
 }
 
+inline at::Device current_device(at::DeviceType type) {
+  return c10::impl::getDeviceGuardImpl(type)->getDevice();
+}
+
 struct RowLayout {
   int64_t rows;
   int64_t row_size;
@@ -50,10 +55,10 @@ inline RowLayout check_forward_args(const at::Tensor& mu, const at::Tensor& logv
                     "num_samples must be in [1, 2^31 - 1], got ", num_samples);
   if (generator.has_value()) {
     const at::Device device = generator->device();
-    // torch.Generator("cuda") reports no index: it means the current device
-    const bool same_device = device.type() == mu.device().type() &&
-                             (!device.has_index() || device.index() == mu.device().index());
-    TORCH_CHECK_VALUE(device.is_cpu() || same_device,
+    // torch.Generator("cuda") reports no index: it means the current device, as in the Python check
+    const bool usable = device.is_cpu() ||
+                        (device.has_index() ? device : current_device(device.type())) == mu.device();
+    TORCH_CHECK_VALUE(usable,
                       "generator must be a CPU generator or one on the device of mu (",
                       mu.device(), "), got one on ", device);
   }
