@@ -21,12 +21,13 @@ collection=(--collection "mnist:$data/mnist$suffix" --collection "fashion-mnist:
             --collection "${CIFAR_SOURCE:-cifar10-jpeg:$data/cifar10-jpeg75@0.05}")
 runs=()
 for policy in ${POLICIES:-uniform related}; do
-    runs+=("runs/cifar10-unlabeled-$policy-$tag")
+    output="runs/cifar10-unlabeled-$policy-$tag"
+    runs+=("$output")
     [ "$policy" = related ] && sampling=proportional || sampling=uniform
     dfkd-fast distill --teacher "$shared/models/cifar10-resnet/resnet56-4bfd9763.th" \
         --teacher-arch resnet56 --dataset cifar10 --student-arch resnet20 \
         --test-data "$data/cifar10-exact-subset" --method unlabeled "${collection[@]}" \
-        --policy "$sampling" --output-dir "runs/cifar10-unlabeled-$policy-$tag" --resume "$@"
+        --policy "$sampling" --output-dir "$output" --resume "$@"
 done
 python3 benchmarks/compare_runs.py "${runs[@]}" \
     --json "benchmarks/results/distill-unlabeled-cifar10-$tag.json" \

@@ -16,7 +16,6 @@ export PYTHONUNBUFFERED=1
 out="${OUT:-runs/gpu-session}"
 mkdir -p "$out"
 export PATH="$(dirname "$(python3 -c 'import sys; print(sys.executable)')"):$PATH"
-shared="${DFKD_FAST_SHARED:-../shared}"
 train_seconds="${TRAIN_SECONDS:-420}"
 collected=()
 
