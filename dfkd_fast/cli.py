@@ -122,7 +122,7 @@ def train_teacher_command(arguments: dict) -> int:
     test = _load_split(dataset, arguments["data_dir"], "test", arch)
     output = arguments["output"] or default_output(arch, dataset)
     output.parent.mkdir(parents=True, exist_ok=True)
-    model = build_classifier(arch, train.num_classes, train.image_shape[0])
+    model = build_classifier(arch, train.num_classes, train.image_shape[0], seed=config.seed)
     train_classifier(model, train, test, config)
     info = ClassifierInfo(arch, train.num_classes, train.image_shape, train.mean, train.std,
                           dataset, accuracy(model, test, device=config.device))  # fmt: skip
@@ -168,7 +168,8 @@ def distill_command(arguments: dict) -> int:
     student_arch = arguments["student_arch"] or DEFAULT_STUDENTS.get(info.arch)
     if student_arch is None:
         raise UsageError(f"no default student for a {info.arch} teacher: give --student-arch")
-    student = build_classifier(student_arch, info.num_classes, info.image_shape[0])
+    student = build_classifier(student_arch, info.num_classes, info.image_shape[0],
+                               seed=config.seed)  # fmt: skip
     output_dir = arguments["output_dir"] or Path("runs") / f"{info.dataset or 'run'}-{method}"
     collection = None
     if config.method == "unlabeled":

@@ -29,7 +29,7 @@ def digits_teacher(path: Path, seed: int = 0):
         teacher, info = load_classifier(path)
         return teacher, info, test
     train = load_digits("train", seed=seed)
-    teacher = build_classifier(DIGITS_TEACHER_ARCH, train.num_classes, 1)
+    teacher = build_classifier(DIGITS_TEACHER_ARCH, train.num_classes, 1, seed=seed)
     train_classifier(teacher, train, test, DIGITS_TEACHER_TRAINING)
     info = ClassifierInfo(DIGITS_TEACHER_ARCH, train.num_classes, train.image_shape, train.mean,
                           train.std, "digits", accuracy(teacher, test))  # fmt: skip

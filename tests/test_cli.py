@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from dfkd_fast.cli import main
 from dfkd_fast.io import load_checkpoint
@@ -52,13 +53,37 @@ def test_distill_runs_the_embedded_default_and_resumes_idempotently(tmp_path, ca
     assert "another config (student_lr" in capsys.readouterr().err
 
 
+def same_state(first: dict, second: dict) -> bool:
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
 def test_train_teacher_on_digits_writes_a_loadable_classifier(tmp_path, capsys):
-    output = tmp_path / "teacher.pt"
-    assert main(["train-teacher", "--dataset", "digits", "--arch", "cnn8", "--epochs", "2",
-                 "--output", str(output)]) == 0  # fmt: skip
-    model, info = load_classifier(output)
+    outputs = [tmp_path / "teacher.pt", tmp_path / "again.pt"]
+    for output in outputs:
+        torch.manual_seed(len(str(output)))  # the global random state must not matter
+        assert main(["train-teacher", "--dataset", "digits", "--arch", "cnn8", "--epochs", "2",
+                     "--output", str(output)]) == 0  # fmt: skip
+    model, info = load_classifier(outputs[0])
     assert info.arch == "cnn8" and info.image_shape == (1, 8, 8) and 0 < info.test_accuracy <= 1
-    assert f"saved {output}" in capsys.readouterr().out
+    assert f"saved {outputs[0]}" in capsys.readouterr().out
+    assert same_state(model.state_dict(), load_classifier(outputs[1])[0].state_dict())
+
+
+def test_distill_is_reproducible_under_its_seed_whatever_the_global_random_state(tmp_path):
+    """The CLI initialises the student from --seed; the user's Python code may have drawn
+    anything from torch's global generator before."""
+    first = tmp_path / "first"
+    assert main(["distill", "--output-dir", str(first), *TINY]) == 0
+    teacher = ["--teacher", str(first / "digits-teacher.pt")]
+    students = {}
+    for name, seed in (("again", 0), ("other-seed", 1)):
+        torch.rand(1000)
+        assert main(["distill", *teacher, "--output-dir", str(tmp_path / name), "--seed",
+                     str(seed), *TINY]) == 0  # fmt: skip
+        students[name] = load_checkpoint(tmp_path / name / "student.pt")["state_dict"]
+    reference = load_checkpoint(first / "student.pt")["state_dict"]
+    assert same_state(students["again"], reference)
+    assert not same_state(students["other-seed"], reference)
 
 
 def test_cli_errors_are_messages(tmp_path, capsys):

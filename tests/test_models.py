@@ -75,6 +75,16 @@ def test_classifiers_by_name(name, image_shape, parameters):
     assert model(torch.randn(3, *image_shape)).shape == (3, 10)
 
 
+def test_a_seeded_classifier_is_reproducible_and_leaves_the_global_random_state():
+    state = torch.random.get_rng_state()
+    first = build_classifier("lenet5_half", 10, 1, seed=3)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    second = build_classifier("lenet5_half", 10, 1, seed=3)
+    other = build_classifier("lenet5_half", 10, 1, seed=4)
+    for a, b, c in zip(first.parameters(), second.parameters(), other.parameters()):
+        assert torch.equal(a, b) and not torch.equal(a, c)
+
+
 def test_classifier_names_and_inputs_are_checked():
     with pytest.raises(ValueError, match="unknown architecture 'vgg'"):
         build_classifier("vgg", 10, 3)

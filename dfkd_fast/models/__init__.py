@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from dfkd_fast.models.cifar import (
@@ -51,11 +52,17 @@ CLASSIFIERS = {
 }  # fmt: skip
 
 
-def build_classifier(name: str, num_classes: int, in_channels: int) -> nn.Module:
+def build_classifier(name: str, num_classes: int, in_channels: int,
+                     seed: int | None = None) -> nn.Module:  # fmt: skip
     """A classifier by name: lenet5, lenet5_half, resnet20 ... resnet110, resnet18, resnet34,
-    wrn16_1, wrn16_2, wrn40_1, wrn40_2, cnn8, cnn16, cnn32."""
+    wrn16_1, wrn16_2, wrn40_1, wrn40_2, cnn8, cnn16, cnn32. Its initial weights come from
+    `seed` when given (the global random state is left as it was), else from the global state."""
     if name not in CLASSIFIERS:
         raise ValueError(f"unknown architecture {name!r}; choose from {', '.join(CLASSIFIERS)}")
     if name.startswith(("resnet", "wrn")) and in_channels != 3:
         raise ValueError(f"{name} takes 3-channel images, not {in_channels}")
-    return CLASSIFIERS[name][0](num_classes, in_channels)
+    if seed is None:
+        return CLASSIFIERS[name][0](num_classes, in_channels)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CLASSIFIERS[name][0](num_classes, in_channels)
