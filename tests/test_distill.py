@@ -15,6 +15,7 @@ from dfkd_fast.data import ImageSet
 from dfkd_fast.distill import METHODS, DistillConfig, distill, preset_config
 from dfkd_fast.distill.config import DATA_FREE_METHODS
 from dfkd_fast.distill import engine
+from dfkd_fast.distill.averaging import WeightAverage
 from dfkd_fast.distill.replay import GenerativeReplay, MemoryBank
 from dfkd_fast.distill.report import robustness
 from dfkd_fast.io import load_checkpoint
@@ -104,9 +105,8 @@ def test_a_run_is_reproducible_under_its_seed(tmp_path, method):
     assert not same_weights(first.student, third.student)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_a_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch, method):
-    uninterrupted = run(tmp_path, method, "uninterrupted")
+def kill_at_step_3(tmp_path, monkeypatch, method, name, **overrides):
+    """Runs into tmp_path / name and crashes it in its third step."""
     original_step = engine.STEP_FUNCTIONS[method]
 
     def crash_at_step_3(run_state, step):
@@ -117,7 +117,13 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch, method):
     with monkeypatch.context() as patch:
         patch.setitem(engine.STEP_FUNCTIONS, method, crash_at_step_3)
         with pytest.raises(RuntimeError, match="simulated crash"):
-            run(tmp_path, method, "killed")
+            run(tmp_path, method, name, **overrides)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch, method):
+    uninterrupted = run(tmp_path, method, "uninterrupted")
+    kill_at_step_3(tmp_path, monkeypatch, method, "killed")
     assert load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["step"] == 2
     assert not (tmp_path / "killed" / "student.pt").exists()
     resumed = run(tmp_path, method, "killed", resume=True)
@@ -317,7 +323,7 @@ def test_robustness_statistics_of_a_known_curve():
         (dict(batch_size=1), ValueError), (dict(student_lr=0.0), ValueError),
         (dict(replay_fraction=1.0), ValueError), (dict(adversarial_weight=-1.0), ValueError),
         (dict(temperature=float("nan")), ValueError), (dict(steps=2.5), TypeError),
-        (dict(bn_weight="1"), TypeError),
+        (dict(bn_weight="1"), TypeError), (dict(student_ema=1.0), ValueError),
     ],
 )  # fmt: skip
 def test_config_rejects_bad_values(overrides, error):
@@ -374,3 +380,50 @@ def test_a_run_with_the_activation_term_captures_the_teachers_features():
     assert run_state.feature_hooks.value.shape == (TINY["batch_size"], 8)  # small_cnn(4)'s last Linear
     assert run_state.feature_hooks.value.grad_fn is not None
     assert engine.Run(teacher, student, DistillConfig(**TINY), IMAGE_SHAPE, True).feature_hooks is None
+
+
+def test_the_weight_average_follows_its_warmed_up_recurrence():
+    torch.manual_seed(0)
+    network = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5)).train()
+    average = WeightAverage(network, decay=0.6)
+    expected = {name: value.double().clone() for name, value in network.state_dict().items()}
+    for update in range(1, 9):
+        with torch.no_grad():
+            for parameter in network.parameters():
+                parameter.add_(torch.randn_like(parameter))
+        network(torch.randn(7, 3) * 3)  # moves the BatchNorm statistics and its batch count
+        average.update(network)
+        decay = min(0.6, (1 + update) / (10 + update))
+        for name, value in network.state_dict().items():
+            if value.is_floating_point():
+                expected[name] = decay * expected[name] + (1 - decay) * value.double()
+            else:
+                expected[name] = value.clone()
+    for name, value in average.network.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value.double(), expected[name], rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(value, expected[name]) and int(value) == 8
+    assert not any(parameter.requires_grad for parameter in average.network.parameters())
+    for decay in (0.0, 1.0, -0.5):
+        with pytest.raises(ValueError, match="decay"):
+            WeightAverage(network, decay)
+
+
+@pytest.mark.parametrize("method", ["pre-dfkd", "unlabeled"])
+def test_weight_averaging_keeps_the_average_without_changing_training(tmp_path, monkeypatch, method):
+    last = run(tmp_path, method, "last")
+    averaged = run(tmp_path, method, "averaged", student_ema=0.5)
+    # the trained weights follow the same path; what is evaluated and kept is their average
+    assert [entry["trained_weights_accuracy"] for entry in averaged.curve] == [
+        entry["accuracy"] for entry in last.curve
+    ]
+    assert not same_weights(averaged.student, last.student)
+    saved = load_checkpoint(tmp_path / "averaged" / "student.pt")
+    assert all(torch.equal(saved["state_dict"][name], value)
+               for name, value in averaged.student.state_dict().items())  # fmt: skip
+    checkpoint = load_checkpoint(tmp_path / "averaged" / "checkpoint.pt")
+    assert checkpoint["run"]["student_average"]["updates"] == TINY["steps"] * TINY["student_steps"]
+    kill_at_step_3(tmp_path, monkeypatch, method, "killed", student_ema=0.5)
+    resumed = run(tmp_path, method, "killed", resume=True, student_ema=0.5)
+    assert same_weights(resumed.student, averaged.student)

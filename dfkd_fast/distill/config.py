@@ -38,6 +38,9 @@ class DistillConfig:
     student_lr: float = 0.1
     student_weight_decay: float = 5e-4
     student_grad_clip: float = 0.0  # max gradient norm of a student update (0: no clipping)
+    # decay of the moving average of the student's weights that is evaluated and kept, updated
+    # after every student update (0: keep the last weights)
+    student_ema: float = 0.0
     temperature: float = 1.0
     # generator loss: bn * BN-statistic matching + confidence * CE(teacher, argmax teacher)
     #   + balance * (negative entropy of the mean teacher prediction) - adversarial * JS(student, teacher)
@@ -112,7 +115,8 @@ class DistillConfig:
         for name in ("generator_lr", "student_lr", "temperature", "vae_lr"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("replay_fraction", "replay_start", "vae_self_replay", "bn_momentum"):
+        for name in ("replay_fraction", "replay_start", "vae_self_replay", "bn_momentum",
+                     "student_ema"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         if self.uniform_share > 1:

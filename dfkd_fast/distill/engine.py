@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from dfkd_fast.data import ImageSet
 from dfkd_fast.distill import report
+from dfkd_fast.distill.averaging import WeightAverage
 from dfkd_fast.distill.config import DistillConfig
 from dfkd_fast.distill.replay import GenerativeReplay, MemoryBank
 from dfkd_fast.distill.steps import STEP_FUNCTIONS
@@ -62,6 +63,9 @@ class Run:
         self.teacher = teacher.to(self.device, memory_format=memory_format).eval()
         self.teacher.requires_grad_(False)
         self.student = student.to(self.device, memory_format=memory_format).train()
+        self.student_average = None
+        if config.student_ema > 0:
+            self.student_average = WeightAverage(self.student, config.student_ema)
         self.rng = torch.Generator(self.device).manual_seed(config.seed)
         self.generator = self.generator_optimizer = self.replay = self.bn_hooks = None
         self.feature_hooks = None
@@ -123,6 +127,10 @@ class Run:
     def penultimate_features(self):
         return self.feature_hooks if self.feature_hooks is not None else contextlib.nullcontext()
 
+    def kept_student(self) -> nn.Module:
+        """The student evaluated and returned: the weight average, or the trained weights."""
+        return self.student if self.student_average is None else self.student_average.network
+
     def drawn_fractions(self) -> dict[str, float]:
         """unlabeled: the fraction of drawn samples that came from each source."""
         if self.generator is not None:
@@ -150,6 +158,8 @@ class Run:
             state["drawn_per_source"] = self.drawn_per_source
         if self.replay is not None:
             state["replay"] = self.replay.state_dict()
+        if self.student_average is not None:
+            state["student_average"] = self.student_average.state_dict()
         if self.bn_hooks is not None:
             state["bn_ema"] = self.bn_hooks._ema
         return state
@@ -168,6 +178,8 @@ class Run:
             self.drawn_per_source = state["drawn_per_source"].clone()
         if self.replay is not None:
             self.replay.load_state_dict(state["replay"])
+        if self.student_average is not None:
+            self.student_average.load_state_dict(state["student_average"])
         if self.bn_hooks is not None and "bn_ema" in state:
             self.bn_hooks._ema = [
                 None if ema is None else tuple(t.to(self.device) for t in ema)
@@ -313,7 +325,10 @@ def distill(
             for name in losses[0]:
                 entry[f"{name}_loss"] = torch.stack([l[name].float() for l in losses]).mean().item()
         if test_set is not None:
-            entry["accuracy"] = accuracy(run.student, test_set, device=run.device)
+            entry["accuracy"] = accuracy(run.kept_student(), test_set, device=run.device)
+            if run.student_average is not None:
+                entry["trained_weights_accuracy"] = accuracy(run.student, test_set,
+                                                             device=run.device)  # fmt: skip
         return entry
 
     def write_report(step: int, seconds: float, finished: bool) -> dict:
@@ -348,6 +363,8 @@ def distill(
                 "eval_seconds": eval_seconds,
             })  # fmt: skip
     bar.close()
+    if run.student_average is not None:
+        run.student.load_state_dict(run.student_average.network.state_dict())
     seconds = seconds_before + time.perf_counter() - started
     metrics = write_report(config.steps, seconds, finished=True)
     if directory is not None:

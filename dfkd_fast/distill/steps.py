@@ -77,6 +77,8 @@ def update_student(run, loss: torch.Tensor) -> None:
     if run.config.student_grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(run.student.parameters(), run.config.student_grad_clip)
     run.student_optimizer.step()
+    if run.student_average is not None:
+        run.student_average.update(run.student)
 
 
 def student_step(run, replay_count: int) -> torch.Tensor:

@@ -1,0 +1,46 @@
+"""An exponential moving average of the student's weights (Polyak averaging): the averaged copy
+is the student a run evaluates and keeps, while the optimizer goes on updating the original.
+Averaging removes most of the step-to-step noise that the adversarial generator and the replay
+put into the student's weights, without looking at any validation data."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class WeightAverage:
+    """``average = decay * average + (1 - decay) * weights`` after every update, with the decay
+    warmed up as ``min(decay, (1 + n) / (10 + n))`` so the first updates are not lost in the
+    random initialisation. Floating-point buffers (BatchNorm statistics) are averaged too, the
+    others copied."""
+
+    def __init__(self, network: nn.Module, decay: float):
+        if not 0 < decay < 1:
+            raise ValueError(f"decay must be in (0, 1), got {decay!r}")
+        self.decay = decay
+        self.network = copy.deepcopy(network).eval().requires_grad_(False)
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, network: nn.Module) -> None:
+        self.updates += 1
+        weight = 1 - min(self.decay, (1 + self.updates) / (10 + self.updates))
+        averaged = [*self.network.parameters(), *self.network.buffers()]
+        current = [tensor.detach() for tensor in (*network.parameters(), *network.buffers())]
+        if len(averaged) != len(current):
+            raise ValueError("the network does not have the averaged network's tensors")
+        floating = [index for index, tensor in enumerate(averaged) if tensor.is_floating_point()]
+        torch._foreach_lerp_([averaged[i] for i in floating], [current[i] for i in floating], weight)
+        for average, tensor in zip(averaged, current):
+            if not average.is_floating_point():
+                average.copy_(tensor)
+
+    def state_dict(self) -> dict:
+        return {"network": self.network.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.network.load_state_dict(state["network"])
+        self.updates = int(state["updates"])
