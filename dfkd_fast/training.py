@@ -76,16 +76,18 @@ def accuracy(model: nn.Module, data: ImageSet, batch_size: int = 1000, device="c
 
 
 def random_translate(images: torch.Tensor, max_shift: int, generator: torch.Generator):
-    """Each image shifted by up to max_shift pixels in x and y, filling with its minimum."""
+    """Each image shifted by up to max_shift pixels in x and y (drawn from `generator`, on the
+    images' device), its border pixels repeated into the uncovered edge. No host sync."""
     if max_shift == 0:
         return images
     n, _, height, width = images.shape
+    device = images.device
     padded = F.pad(images, (max_shift,) * 4, mode="replicate")
-    shifts = torch.randint(0, 2 * max_shift + 1, (n, 2), generator=generator)
-    rows = (shifts[:, 0].view(n, 1) + torch.arange(height)).view(n, 1, height, 1)
-    cols = (shifts[:, 1].view(n, 1) + torch.arange(width)).view(n, 1, 1, width)
-    batch = torch.arange(n).view(n, 1, 1, 1)
-    channels = torch.arange(images.shape[1]).view(1, -1, 1, 1)
+    shifts = torch.randint(0, 2 * max_shift + 1, (n, 2), generator=generator, device=device)
+    rows = (shifts[:, 0].view(n, 1) + torch.arange(height, device=device)).view(n, 1, height, 1)
+    cols = (shifts[:, 1].view(n, 1) + torch.arange(width, device=device)).view(n, 1, 1, width)
+    batch = torch.arange(n, device=device).view(n, 1, 1, 1)
+    channels = torch.arange(images.shape[1], device=device).view(1, -1, 1, 1)
     return padded[batch, channels, rows, cols]
 
 

@@ -324,6 +324,7 @@ def test_robustness_statistics_of_a_known_curve():
         (dict(replay_fraction=1.0), ValueError), (dict(adversarial_weight=-1.0), ValueError),
         (dict(temperature=float("nan")), ValueError), (dict(steps=2.5), TypeError),
         (dict(bn_weight="1"), TypeError), (dict(student_ema=1.0), ValueError),
+        (dict(max_shift=-1), ValueError),
     ],
 )  # fmt: skip
 def test_config_rejects_bad_values(overrides, error):
@@ -427,3 +428,10 @@ def test_weight_averaging_keeps_the_average_without_changing_training(tmp_path, 
     kill_at_step_3(tmp_path, monkeypatch, method, "killed", student_ema=0.5)
     resumed = run(tmp_path, method, "killed", resume=True, student_ema=0.5)
     assert same_weights(resumed.student, averaged.student)
+
+
+def test_shifting_the_drawn_samples_changes_what_the_student_learns(tmp_path):
+    still = run(tmp_path, "unlabeled", "still")
+    shifted = run(tmp_path, "unlabeled", "shifted", max_shift=2)
+    assert not same_weights(still.student, shifted.student)
+    assert same_weights(shifted.student, run(tmp_path, "unlabeled", "again", max_shift=2).student)

@@ -214,6 +214,31 @@ def test_mixing_keeps_the_rest_of_the_batch_and_mixes_within_it():
     assert torch.equal(mix_batch(images, 0.0, 0.0, generator), images)
 
 
+def test_random_translation_shifts_each_image_within_bounds():
+    from dfkd_fast.training import random_translate
+
+    generator = torch.Generator().manual_seed(0)
+    height, width, shift = 9, 11, 2
+    ramp = (torch.arange(height).view(-1, 1) * 100 + torch.arange(width)).float()
+    images = ramp.expand(64, 2, height, width).clone()
+    images[:, 1] += 10_000  # channels move together
+    moved = random_translate(images, shift, generator)
+    offsets = set()
+    for image in moved:
+        # the centre pixel of a shifted ramp says by how much; every interior pixel agrees
+        offset = int(image[0, height // 2, width // 2] - ramp[height // 2, width // 2])
+        dy = round(offset / 100)
+        dx = offset - 100 * dy
+        assert abs(dy) <= shift and abs(dx) <= shift
+        inner = (slice(shift, height - shift), slice(shift, width - shift))
+        expected = torch.roll(ramp, (-dy, -dx), dims=(0, 1))[inner]
+        assert torch.equal(image[0][inner], expected)
+        assert torch.equal(image[1], image[0] + 10_000)
+        offsets.add((dy, dx))
+    assert len(offsets) > 10  # shifts differ between images
+    assert random_translate(images, 0, generator) is images
+
+
 def test_an_image_folder_is_a_source(tmp_path):
     Image = pytest.importorskip("PIL.Image")
     pixels = uint8_images(3, 3, 5).permute(0, 2, 3, 1).numpy()

@@ -80,6 +80,7 @@ class DistillConfig:
     refresh_every: int = 50
     mixup_fraction: float = 0.25
     cutmix_fraction: float = 0.25
+    max_shift: int = 0  # each drawn sample shifted by up to this many pixels before mixing
     # engine
     eval_every: int = 50
     checkpoint_every: int = 100
@@ -125,6 +126,8 @@ class DistillConfig:
             raise ValueError("top_fraction must be in (0, 1] and policy_temperature > 0")
         if self.mixup_fraction + self.cutmix_fraction > 1:
             raise ValueError("mixup_fraction + cutmix_fraction must be at most 1")
+        if self.max_shift < 0:
+            raise ValueError(f"max_shift must be >= 0, got {self.max_shift}")
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be >= 2 (batch statistics), got {self.batch_size}")
 

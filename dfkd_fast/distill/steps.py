@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from dfkd_fast.ops.kd_div import js_div, kd_div
 from dfkd_fast.ops.reparameterize import sample_prior
+from dfkd_fast.training import random_translate
 from dfkd_fast.unlabeled.mixing import mix_batch
 
 
@@ -120,14 +121,16 @@ def replay_step(run, step: int) -> dict:
 
 
 def unlabeled_step(run, step: int) -> dict:
-    """Student updates on collection samples drawn by relatedness (`run.sampler`), part of each
-    batch mixed; targets are the teacher's outputs on the (mixed) inputs."""
+    """Student updates on collection samples drawn by relatedness (`run.sampler`), shifted by up
+    to `max_shift` pixels, part of each batch mixed; targets are the teacher's outputs on the
+    resulting inputs."""
     config = run.config
     for _ in range(config.student_steps):
         indices = run.sampler.draw(config.batch_size, run.cpu_rng)
         run.drawn_per_source += torch.bincount(run.collection.source_index[indices],
                                                minlength=len(run.drawn_per_source))  # fmt: skip
         images = run.collection.batch(indices).to(run.device, non_blocking=True)
+        images = random_translate(images, config.max_shift, run.rng)
         images = mix_batch(images, config.mixup_fraction, config.cutmix_fraction, run.rng)
         with torch.no_grad(), run.autocast():
             teacher_logits = run.teacher(images)
