@@ -23,20 +23,22 @@ class WeightAverage:
         self.decay = decay
         self.network = copy.deepcopy(network).eval().requires_grad_(False)
         self.updates = 0
+        # load_state_dict copies in place, so these tensors stay the network's for good
+        self._tensors = [*self.network.parameters(), *self.network.buffers()]
+        self._floating = [i for i, tensor in enumerate(self._tensors) if tensor.is_floating_point()]
+        self._others = [i for i, tensor in enumerate(self._tensors) if not tensor.is_floating_point()]
 
     @torch.no_grad()
     def update(self, network: nn.Module) -> None:
         self.updates += 1
         weight = 1 - min(self.decay, (1 + self.updates) / (10 + self.updates))
-        averaged = [*self.network.parameters(), *self.network.buffers()]
         current = [tensor.detach() for tensor in (*network.parameters(), *network.buffers())]
-        if len(averaged) != len(current):
+        if len(current) != len(self._tensors):
             raise ValueError("the network does not have the averaged network's tensors")
-        floating = [index for index, tensor in enumerate(averaged) if tensor.is_floating_point()]
-        torch._foreach_lerp_([averaged[i] for i in floating], [current[i] for i in floating], weight)
-        for average, tensor in zip(averaged, current):
-            if not average.is_floating_point():
-                average.copy_(tensor)
+        torch._foreach_lerp_([self._tensors[i] for i in self._floating],
+                             [current[i] for i in self._floating], weight)  # fmt: skip
+        for i in self._others:
+            self._tensors[i].copy_(current[i])
 
     def state_dict(self) -> dict:
         return {"network": self.network.state_dict(), "updates": self.updates}
