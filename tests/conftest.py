@@ -1,4 +1,4 @@
-"""Shared fixtures: the devices to test on.
+"""Shared fixtures: the devices to test on; and a comparison of weights.
 
 Without a GPU, the Triton kernels are tested under Triton's interpreter: TRITON_INTERPRET=1 is set
 here, before any kernel module is imported (Triton reads it when a kernel is decorated). Each
@@ -18,6 +18,11 @@ if not CUDA_AVAILABLE:
 DEVICES = ["cpu"] + (["cuda"] if CUDA_AVAILABLE else [])
 
 requires_cuda = pytest.mark.skipif(not CUDA_AVAILABLE, reason="needs a CUDA device")
+
+
+def same_state(first: dict, second: dict) -> bool:
+    """Two state dicts hold the same names and bit-identical tensors."""
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
 @pytest.fixture(params=DEVICES)

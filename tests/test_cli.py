@@ -13,6 +13,7 @@ import torch
 from dfkd_fast.cli import main
 from dfkd_fast.io import load_checkpoint
 from dfkd_fast.training import load_classifier
+from tests.conftest import same_state
 
 pytest.importorskip("sklearn", reason="the embedded default reads scikit-learn's bundled digits")
 
@@ -51,10 +52,6 @@ def test_distill_runs_the_embedded_default_and_resumes_idempotently(tmp_path, ca
     assert main(["distill", "--method", "memory-bank", "--output-dir", str(output), "--resume",
                  "--student-lr", "0.3", *TINY]) == 2  # fmt: skip
     assert "another config (student_lr" in capsys.readouterr().err
-
-
-def same_state(first: dict, second: dict) -> bool:
-    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_train_teacher_on_digits_writes_a_loadable_classifier(tmp_path, capsys):

@@ -21,7 +21,7 @@ from dfkd_fast.distill.report import robustness
 from dfkd_fast.io import load_checkpoint
 from dfkd_fast.models import lenet5, small_cnn
 from dfkd_fast.unlabeled import Collection, Source, noise_source
-from tests.conftest import requires_cuda
+from tests.conftest import requires_cuda, same_state
 
 IMAGE_SHAPE = (1, 8, 8)
 TINY = dict(steps=4, student_steps=2, batch_size=16, latent_dim=8, generator_width=4,
@@ -66,8 +66,7 @@ def run(tmp_path, method, name="run", resume=False, **overrides):
 
 
 def same_weights(first: nn.Module, second: nn.Module) -> bool:
-    return all(torch.equal(a, b) for a, b in
-               zip(first.state_dict().values(), second.state_dict().values()))  # fmt: skip
+    return same_state(first.state_dict(), second.state_dict())
 
 
 @pytest.mark.parametrize("method", METHODS)
