@@ -429,8 +429,9 @@ def test_weight_averaging_keeps_the_average_without_changing_training(tmp_path, 
     assert same_weights(resumed.student, averaged.student)
 
 
-def test_shifting_the_drawn_samples_changes_what_the_student_learns(tmp_path):
-    still = run(tmp_path, "unlabeled", "still")
-    shifted = run(tmp_path, "unlabeled", "shifted", max_shift=2)
+@pytest.mark.parametrize("method", METHODS)
+def test_shifting_the_student_batches_changes_what_the_student_learns(tmp_path, method):
+    still = run(tmp_path, method, "still")
+    shifted = run(tmp_path, method, "shifted", max_shift=2)
     assert not same_weights(still.student, shifted.student)
-    assert same_weights(shifted.student, run(tmp_path, "unlabeled", "again", max_shift=2).student)
+    assert same_weights(shifted.student, run(tmp_path, method, "again", max_shift=2).student)

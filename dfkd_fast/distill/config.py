@@ -41,6 +41,9 @@ class DistillConfig:
     # decay of the moving average of the student's weights that is evaluated and kept, updated
     # after every student update (0: keep the last weights)
     student_ema: float = 0.0
+    # every image of a student batch (synthetic, replayed or drawn from the collection) shifted by
+    # up to this many pixels, before any mixing; the teacher labels the shifted image
+    max_shift: int = 0
     temperature: float = 1.0
     # generator loss: bn * BN-statistic matching + confidence * CE(teacher, argmax teacher)
     #   + balance * (negative entropy of the mean teacher prediction) - adversarial * JS(student, teacher)
@@ -80,7 +83,6 @@ class DistillConfig:
     refresh_every: int = 50
     mixup_fraction: float = 0.25
     cutmix_fraction: float = 0.25
-    max_shift: int = 0  # each drawn sample shifted by up to this many pixels before mixing
     # engine
     eval_every: int = 50
     checkpoint_every: int = 100

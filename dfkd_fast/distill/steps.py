@@ -84,7 +84,8 @@ def update_student(run, loss: torch.Tensor) -> None:
 
 def student_step(run, replay_count: int) -> torch.Tensor:
     """One student update on fresh generator samples, `replay_count` of them replaced by replay
-    samples; the teacher's soft outputs are the targets."""
+    samples, each shifted by up to `max_shift` pixels; the teacher's soft outputs on the shifted
+    images are the targets."""
     config = run.config
     fresh_count = config.batch_size - replay_count
     with torch.no_grad(), run.autocast():
@@ -92,6 +93,7 @@ def student_step(run, replay_count: int) -> torch.Tensor:
         images = run.generator(latent)
         if replay_count:
             images = torch.cat([images, run.replay.sample(replay_count, run.rng).to(images.dtype)])
+        images = random_translate(images, config.max_shift, run.rng)
         teacher_logits = run.teacher(images)
     with run.autocast():
         loss = kd_div(run.student(images), teacher_logits, config.temperature)
