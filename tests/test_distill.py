@@ -420,8 +420,7 @@ def test_weight_averaging_keeps_the_average_without_changing_training(tmp_path, 
     ]
     assert not same_weights(averaged.student, last.student)
     saved = load_checkpoint(tmp_path / "averaged" / "student.pt")
-    assert all(torch.equal(saved["state_dict"][name], value)
-               for name, value in averaged.student.state_dict().items())  # fmt: skip
+    assert same_state(saved["state_dict"], averaged.student.state_dict())
     checkpoint = load_checkpoint(tmp_path / "averaged" / "checkpoint.pt")
     assert checkpoint["run"]["student_average"]["updates"] == TINY["steps"] * TINY["student_steps"]
     kill_at_step_3(tmp_path, monkeypatch, method, "killed", student_ema=0.5)
