@@ -370,6 +370,25 @@ def test_the_activation_term_rewards_strong_teacher_features():
     torch.testing.assert_close((without - with_features).double(), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("temperature, disagreement_temperature, expected_temperature",
+                         [(4.0, 0.0, 4.0), (4.0, 1.0, 1.0), (1.0, 3.0, 3.0)])  # fmt: skip
+def test_the_disagreement_term_uses_its_own_temperature_when_given(
+    temperature, disagreement_temperature, expected_temperature
+):
+    from dfkd_fast.distill.steps import generator_loss
+
+    teacher_logits, student_logits = 6 * torch.randn(7, 10), 6 * torch.randn(7, 10)
+    config = DistillConfig(temperature=temperature, disagreement_temperature=disagreement_temperature)
+    _, disagreement = generator_loss(teacher_logits, student_logits, None, None, config)
+    teacher_p = (teacher_logits.double() / expected_temperature).softmax(dim=1)
+    student_p = (student_logits.double() / expected_temperature).softmax(dim=1)
+    middle = (teacher_p + student_p) / 2
+    expected = ((teacher_p * (teacher_p / middle).log()).sum(1)
+                + (student_p * (student_p / middle).log()).sum(1)).mean() / 2  # fmt: skip
+    torch.testing.assert_close(disagreement.double(), expected_temperature**2 * expected,
+                               rtol=1e-4, atol=1e-6)
+
+
 def test_a_run_with_the_activation_term_captures_the_teachers_features():
     from dfkd_fast.distill.steps import generator_step
 

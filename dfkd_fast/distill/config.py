@@ -44,7 +44,9 @@ class DistillConfig:
     # every image of a student batch (synthetic, replayed or drawn from the collection) shifted by
     # up to this many pixels, before any mixing; the teacher labels the shifted image
     max_shift: int = 0
-    temperature: float = 1.0
+    temperature: float = 1.0  # of the student's KD divergence
+    # of the generator's disagreement term (0: the same as temperature)
+    disagreement_temperature: float = 0.0
     # generator loss: bn * BN-statistic matching + confidence * CE(teacher, argmax teacher)
     #   + balance * (negative entropy of the mean teacher prediction) - adversarial * JS(student, teacher)
     #   - activation * mean |teacher's penultimate features| (DAFL)

@@ -32,7 +32,8 @@ def generator_loss(teacher_logits, student_logits, bn_loss, features, config):
     confidence = F.cross_entropy(teacher_logits, teacher_logits.argmax(dim=1))
     mean_prediction = teacher_logits.float().softmax(dim=1).mean(dim=0)
     negative_entropy = (mean_prediction * mean_prediction.clamp_min(1e-12).log()).sum()
-    disagreement = js_div(student_logits, teacher_logits, config.temperature)
+    disagreement = js_div(student_logits, teacher_logits,
+                          config.disagreement_temperature or config.temperature)
     loss = (
         config.confidence_weight * confidence
         + config.balance_weight * negative_entropy
