@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import warnings
 
 import pytest
 import torch
@@ -453,3 +454,46 @@ def test_shifting_the_student_batches_changes_what_the_student_learns(tmp_path, 
     shifted = run(tmp_path, method, "shifted", max_shift=2)
     assert not same_weights(still.student, shifted.student)
     assert same_weights(shifted.student, run(tmp_path, method, "again", max_shift=2).student)
+
+
+def run_recording_teacher_dtypes(tmp_path, method, name, **overrides):
+    """A run, and the dtypes of every output of its teacher."""
+    teacher, student = networks()
+    dtypes = set()
+    teacher.register_forward_hook(lambda module, inputs, output: dtypes.add(output.dtype))
+    config = DistillConfig(method=method, **{**TINY, **overrides})
+    result = distill(teacher, student, config, IMAGE_SHAPE, output_dir=tmp_path / name,
+                     progress=False, collection=small_collection(method))  # fmt: skip
+    return result, dtypes
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_cpu_amp_runs_the_steps_in_bfloat16_and_keeps_float32_weights(tmp_path, method):
+    full, full_dtypes = run_recording_teacher_dtypes(tmp_path, method, "float32")
+    assert full_dtypes == {torch.float32}
+    mixed, mixed_dtypes = run_recording_teacher_dtypes(tmp_path, method, "amp", cpu_amp=True)
+    assert torch.bfloat16 in mixed_dtypes
+    assert all(p.dtype == torch.float32 for p in mixed.student.parameters())
+    assert all(math.isfinite(entry["student_loss"]) for entry in mixed.curve)
+    assert not same_weights(full.student, mixed.student)
+    again, _ = run_recording_teacher_dtypes(tmp_path, method, "again", cpu_amp=True)
+    assert same_weights(again.student, mixed.student)
+
+
+def test_a_killed_cpu_amp_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+    uninterrupted = run(tmp_path, "pre-dfkd", "uninterrupted", cpu_amp=True)
+    kill_at_step_3(tmp_path, monkeypatch, "pre-dfkd", "killed", cpu_amp=True)
+    resumed = run(tmp_path, "pre-dfkd", "killed", resume=True, cpu_amp=True)
+    assert same_weights(resumed.student, uninterrupted.student)
+
+
+@pytest.mark.parametrize("native", [True, False, None])
+def test_cpu_amp_warns_on_a_cpu_without_bfloat16_instructions(tmp_path, monkeypatch, native):
+    monkeypatch.setattr(engine, "cpu_has_bfloat16_instructions", lambda: native)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(tmp_path, "adversarial", cpu_amp=True)
+        run(tmp_path, "adversarial", "float32")
+    messages = [str(warning.message) for warning in caught if "cpu_amp" in str(warning.message)]
+    assert len(messages) == (1 if native is False else 0)
+    assert all("no bfloat16 instructions" in message for message in messages)

@@ -112,6 +112,17 @@ def _readme_commands() -> list[str]:
     return [line for line in block.splitlines() if line and not line.startswith("#")]
 
 
+@pytest.mark.parametrize(("cpuinfo", "expected"), [
+    ("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 avx512vl\n", True),
+    ("flags\t: fpu avx2 amx_tile amx_bf16\n", True),
+    ("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n", True),
+    ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n", False),
+    ("model name\t: a CPU that lists no flags\n", None),
+])
+def test_bfloat16_instructions_are_read_from_the_cpu_flags(cpuinfo, expected):
+    assert backend.cpu_has_bfloat16_instructions(cpuinfo) is expected
+
+
 def test_ci_runs_the_readme_test_command():
     setup_and_run, setup_and_test = _readme_commands()
     assert setup_and_run.endswith("dfkd-fast distill --resume")

@@ -90,6 +90,9 @@ class DistillConfig:
     checkpoint_every: int = 100
     device: str = "cpu"
     amp: bool = True  # bfloat16 autocast on CUDA
+    # bfloat16 autocast on the CPU: about 2x faster steps where the CPU has bfloat16 instructions
+    # (AVX512-BF16, AMX, Arm BF16), much slower where it has not
+    cpu_amp: bool = False
     channels_last: bool = False
 
     def __post_init__(self):
@@ -108,7 +111,7 @@ class DistillConfig:
             raise ValueError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
-        for name in ("class_balance", "amp", "channels_last"):
+        for name in ("class_balance", "amp", "cpu_amp", "channels_last"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         positive = ("steps", "student_steps", "batch_size", "latent_dim", "generator_width",

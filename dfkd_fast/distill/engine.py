@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dfkd_fast.backend import cpu_has_bfloat16_instructions
 from dfkd_fast.data import ImageSet
 from dfkd_fast.distill import report
 from dfkd_fast.distill.averaging import WeightAverage
@@ -101,7 +102,8 @@ class Run:
         self.student_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.student_optimizer, T_max=config.steps
         )
-        self.use_amp = config.amp and self.device.type == "cuda"
+        self.use_amp = config.cpu_amp if self.device.type == "cpu" else (
+            config.amp and self.device.type == "cuda")
         self.step_function = STEP_FUNCTIONS[config.method]
 
     def _build_replay(self):
@@ -306,6 +308,14 @@ def distill(
     elif not has_bn and config.bn_weight > 0:
         warnings.warn(
             "the teacher has no BatchNorm layers: BatchNorm-statistic matching is disabled",
+            UserWarning,
+            stacklevel=2,
+        )
+    if (config.cpu_amp and torch.device(config.device).type == "cpu"
+            and cpu_has_bfloat16_instructions() is False):  # fmt: skip
+        warnings.warn(
+            "cpu_amp: this CPU has no bfloat16 instructions, so bfloat16 autocast makes every "
+            "step slower, not faster",
             UserWarning,
             stacklevel=2,
         )
