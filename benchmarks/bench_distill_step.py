@@ -1,7 +1,8 @@
 """End-to-end step throughput: one pre-dfkd step (generator update with BN-statistic matching and
 the JS disagreement, VAE update, student steps on fresh + replayed samples with the KD
 divergence, VAE sampling through reparameterize) with dfkd_fast's fused ops against the same step
-on the pure-PyTorch reference ops (``use_backend("reference")``). Run:
+on the pure-PyTorch reference ops (``use_backend("reference")``), in float32 and under bfloat16
+autocast (``amp`` on CUDA, ``cpu_amp`` on the CPU). Run:
 
     python -m pytest benchmarks/bench_distill_step.py --benchmark-json=out.json
     python benchmarks/report.py out.json --op distill_step
@@ -26,15 +27,17 @@ WORKLOADS = {
 
 
 @pytest.mark.parametrize("workload", list(WORKLOADS))
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 @pytest.mark.parametrize("implementation", ["reference", "dfkd_fast"])
-def test_pre_dfkd_step(benchmark, device, implementation, workload):
+def test_pre_dfkd_step(benchmark, device, implementation, precision, workload):
     teacher_arch, student_arch, image_shape, preset, cpu_batch, cuda_batch = WORKLOADS[workload]
     batch_size = cpu_batch if device == "cpu" else cuda_batch
     torch.manual_seed(0)
     teacher = build_classifier(teacher_arch, 10, image_shape[0])
     student = build_classifier(student_arch, 10, image_shape[0])
+    mixed = precision == "bfloat16"
     config = preset_config(preset, method="pre-dfkd", batch_size=batch_size, student_steps=2,
-                           replay_start=0.0, device=device)  # fmt: skip
+                           replay_start=0.0, device=device, amp=mixed, cpu_amp=mixed)  # fmt: skip
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in teacher.modules())
     run = Run(teacher, student, config, image_shape, bn_layers=has_bn)
     backend = "reference" if implementation == "reference" else "auto"
