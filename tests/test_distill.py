@@ -3,6 +3,8 @@ resumes to the same result, steps make no host sync, bad input is refused before
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import sys
@@ -291,16 +293,24 @@ def test_memory_bank_keeps_the_newest_images_and_samples_only_stored_ones():
     assert torch.equal(restored.images, bank.images) and restored.next_slot == bank.next_slot
 
 
-def test_generative_replay_learns_a_fixed_batch():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_generative_replay_learns_a_fixed_batch(dtype):
     torch.manual_seed(0)
     teacher = small_cnn(4).eval().requires_grad_(False)
+    autocast = contextlib.nullcontext
+    if dtype == torch.bfloat16:
+        autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
     replay = GenerativeReplay(IMAGE_SHAPE, latent_dim=8, width=8, lr=3e-3, output_weight=1.0,
-                              kl_weight=0.01, self_replay=0.0, device="cpu")  # fmt: skip
+                              kl_weight=0.01, self_replay=0.5, device="cpu", autocast=autocast)  # fmt: skip
+    decoded_dtypes = set()
+    replay.vae.decoder.register_forward_hook(lambda m, i, output: decoded_dtypes.add(output.dtype))
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(32, *IMAGE_SHAPE, generator=generator)
     logits = teacher(images)
     losses = [replay.update(images, logits, teacher, generator).item() for _ in range(60)]
     assert sum(losses[-5:]) < 0.75 * sum(losses[:5])
+    assert decoded_dtypes == {dtype}
+    assert all(p.dtype == torch.float32 for p in replay.vae.parameters())
     samples = replay.sample(7, generator)
     assert samples.shape == (7, *IMAGE_SHAPE) and torch.isfinite(samples).all()
 

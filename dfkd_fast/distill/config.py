@@ -89,7 +89,7 @@ class DistillConfig:
     eval_every: int = 50
     checkpoint_every: int = 100
     device: str = "cpu"
-    amp: bool = True  # bfloat16 autocast on CUDA
+    amp: bool = True  # bfloat16 autocast on CUDA (generator, teacher, student and VAE forwards)
     # bfloat16 autocast on the CPU: about 2x faster steps where the CPU has bfloat16 instructions
     # (AVX512-BF16, AMX, Arm BF16), much slower where it has not
     cpu_amp: bool = False

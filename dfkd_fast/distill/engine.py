@@ -61,6 +61,9 @@ class Run:
         self.device = torch.device(config.device)
         self.image_shape = image_shape
         memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        self.memory_format = memory_format
+        self.use_amp = config.cpu_amp if self.device.type == "cpu" else (
+            config.amp and self.device.type == "cuda")
         self.teacher = teacher.to(self.device, memory_format=memory_format).eval()
         self.teacher.requires_grad_(False)
         self.student = student.to(self.device, memory_format=memory_format).train()
@@ -102,8 +105,6 @@ class Run:
         self.student_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.student_optimizer, T_max=config.steps
         )
-        self.use_amp = config.cpu_amp if self.device.type == "cpu" else (
-            config.amp and self.device.type == "cuda")
         self.step_function = STEP_FUNCTIONS[config.method]
 
     def _build_replay(self):
@@ -112,7 +113,7 @@ class Run:
             return GenerativeReplay(
                 self.image_shape, config.vae_latent_dim, config.vae_width, config.vae_lr,
                 config.vae_output_weight, config.vae_kl_weight, config.vae_self_replay,
-                self.device, config.vae_batch_size,
+                self.device, config.vae_batch_size, self.autocast, self.memory_format,
             )  # fmt: skip
         if config.method == "memory-bank":
             return MemoryBank(self.image_shape, config.memory_bank_size, self.device)

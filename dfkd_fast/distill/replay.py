@@ -12,6 +12,8 @@ Both draw all randomness from the `torch.Generator` they are given.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,8 +28,10 @@ def tensor_bytes(tensors) -> int:
 
 class GenerativeReplay:
     def __init__(self, image_shape, latent_dim: int, width: int, lr: float, output_weight: float,
-                 kl_weight: float, self_replay: float, device, batch_size: int | None = None):  # fmt: skip
-        self.vae = VAE(image_shape, latent_dim, width).to(device)
+                 kl_weight: float, self_replay: float, device, batch_size: int | None = None,
+                 autocast=contextlib.nullcontext, memory_format=torch.contiguous_format):  # fmt: skip
+        self.vae = VAE(image_shape, latent_dim, width).to(device, memory_format=memory_format)
+        self.autocast = autocast  # the forward passes' autocast context (the run's)
         self.batch_size = batch_size  # synthetic images learnt per update (None: all given)
         self.optimizer = torch.optim.Adam(self.vae.parameters(), lr=lr)
         self.output_weight = output_weight
@@ -42,15 +46,16 @@ class GenerativeReplay:
         rehearsed = round(len(images) * self.self_replay) if self.updates else 0
         if rehearsed:
             old_images = self.sample(rehearsed, generator)
-            with torch.no_grad():
+            with torch.no_grad(), self.autocast():
                 old_logits = teacher(old_images)
-            images = torch.cat([images, old_images])
+            images = torch.cat([images, old_images.to(images.dtype)])
             teacher_logits = torch.cat([teacher_logits.float(), old_logits.float()])
         self.vae.train()
-        reconstruction, kl = self.vae(images, generator=generator)
-        pixel_loss = F.mse_loss(reconstruction, images)
-        output_loss = kd_div(teacher(reconstruction), teacher_logits)
-        kl_per_pixel = kl.mean() / images[0].numel()
+        with self.autocast():
+            reconstruction, kl = self.vae(images, generator=generator)
+            output_loss = kd_div(teacher(reconstruction), teacher_logits)
+        pixel_loss = F.mse_loss(reconstruction.float(), images)
+        kl_per_pixel = kl.float().mean() / images[0].numel()
         loss = pixel_loss + self.output_weight * output_loss + self.kl_weight * kl_per_pixel
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -61,7 +66,8 @@ class GenerativeReplay:
     @torch.no_grad()
     def sample(self, count: int, generator: torch.Generator) -> torch.Tensor:
         self.vae.eval()
-        return self.vae.sample(count, generator=generator)
+        with self.autocast():
+            return self.vae.sample(count, generator=generator)
 
     def memory_bytes(self) -> int:
         return tensor_bytes(self.vae.parameters()) + tensor_bytes(self.vae.buffers())
