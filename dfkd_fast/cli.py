@@ -14,7 +14,6 @@ from pathlib import Path
 
 from dfkd_fast.data import DATASETS, load_dataset, load_digits
 from dfkd_fast.distill import METHODS, PRESETS, DistillConfig, distill, preset_config
-from dfkd_fast.distill.config import method_variant
 from dfkd_fast.models import CLASSIFIERS, build_classifier
 from dfkd_fast.models.cifar import PRETRAINED_MEAN, PRETRAINED_STD
 from dfkd_fast.training import (
@@ -82,9 +81,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="default: the usual student of the teacher's architecture")  # fmt: skip
     run.add_argument("--test-data", type=Path, help="folder of the teacher's test data, "
                      "evaluated for the report only")  # fmt: skip
-    run.add_argument("--preset", choices=[p for p in PRESETS if not method_variant(p)],
+    run.add_argument("--preset", choices=[p for p in PRESETS if not p.endswith("-unlabeled")],
                      help="defaults for a shipped example (default: the teacher's data set; its "
-                     "-<method> variant where there is one, such as mnist-unlabeled)")  # fmt: skip
+                     "-unlabeled variant for --method unlabeled)")  # fmt: skip
     run.add_argument("--output-dir", type=Path, help="default: runs/<dataset>-<method>")
     run.add_argument("--resume", action="store_true", help="continue the run in --output-dir "
                      "(or start it if there is none)")

@@ -16,7 +16,7 @@ from torch import nn
 
 from dfkd_fast.data import ImageSet
 from dfkd_fast.distill import METHODS, DistillConfig, distill, preset_config
-from dfkd_fast.distill.config import DATA_FREE_METHODS, method_variant
+from dfkd_fast.distill.config import DATA_FREE_METHODS
 from dfkd_fast.distill import engine
 from dfkd_fast.distill.averaging import WeightAverage
 from dfkd_fast.distill.replay import GenerativeReplay, MemoryBank
@@ -350,19 +350,6 @@ def test_config_round_trips_and_presets_apply():
         DistillConfig.from_dict({"colour": 1})
     with pytest.raises(ValueError, match="preset must be one of"):
         preset_config("imagenet")
-
-
-def test_a_preset_s_method_variant_applies_to_that_method_only():
-    assert preset_config("mnist", method="pre-dfkd").replay_fraction == 0.25
-    assert preset_config("mnist").replay_fraction == 0.25  # pre-dfkd is the default method
-    assert preset_config("mnist", method="memory-bank").replay_fraction == 0.5
-    assert preset_config("mnist", method="pre-dfkd", replay_fraction=0.5).replay_fraction == 0.5
-    shared = preset_config("mnist", method="memory-bank").to_dict()
-    variant = preset_config("mnist", method="pre-dfkd").to_dict()
-    assert {k for k in shared if shared[k] != variant[k]} == {"method", "replay_fraction"}
-    assert preset_config("mnist", method="unlabeled").steps == 10000
-    assert method_variant("mnist-pre-dfkd") and method_variant("mnist-unlabeled")
-    assert not method_variant("mnist") and not method_variant("cifar10")
 
 
 def test_student_gradient_clipping_bounds_the_update():
