@@ -2,7 +2,8 @@
 the JS disagreement, VAE update, student steps on fresh + replayed samples with the KD
 divergence, VAE sampling through reparameterize) with dfkd_fast's fused ops against the same step
 on the pure-PyTorch reference ops (``use_backend("reference")``), in float32 and under bfloat16
-autocast (``amp`` on CUDA, ``cpu_amp`` on the CPU). Run:
+autocast (``amp`` on CUDA, ``cpu_amp`` on the CPU); and the VAE update alone by precision and
+memory format. Run:
 
     python -m pytest benchmarks/bench_distill_step.py --benchmark-json=out.json
     python benchmarks/report.py out.json --op distill_step
@@ -54,3 +55,31 @@ def test_pre_dfkd_step(benchmark, device, implementation, precision, workload):
              dtype="bf16 autocast" if run.use_amp else "float32", shape=workload, numel=0,
              bytes=0, images_per_step=images, batch_size=batch_size)  # fmt: skip
 
+
+
+@pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_vae_update(benchmark, device, precision, memory_format):
+    """pre-dfkd's VAE update alone (the `mnist` preset's VAE and batch, half of it rehearsed), by
+    precision and memory format: the part of the step that the autocast and channels_last reach
+    since the VAE runs under them."""
+    torch.manual_seed(0)
+    config = preset_config("mnist", method="pre-dfkd", device=device, amp=precision == "bfloat16",
+                           cpu_amp=precision == "bfloat16",
+                           channels_last=memory_format == "channels_last")  # fmt: skip
+    teacher = build_classifier("lenet5", 10, 1)
+    student = build_classifier("lenet5_half", 10, 1)
+    run = Run(teacher, student, config, (1, 32, 32), bn_layers=False)
+    images = torch.randn(config.batch_size, 1, 32, 32, device=device, generator=run.rng)
+    with torch.no_grad():
+        teacher_logits = run.teacher(images)
+
+    def update():
+        run.replay.update(images, teacher_logits, run.teacher, run.rng)
+        synchronize(device)
+
+    update()  # the first update rehearses nothing
+    benchmark.pedantic(update, rounds=20, iterations=1, warmup_rounds=3)
+    describe(benchmark, device, op="vae_update", implementation="dfkd_fast",
+             dtype="bf16 autocast" if run.use_amp else "float32", shape=memory_format, numel=0,
+             bytes=0, batch_size=config.vae_batch_size)  # fmt: skip
