@@ -56,7 +56,6 @@ def test_pre_dfkd_step(benchmark, device, implementation, precision, workload):
              bytes=0, images_per_step=images, batch_size=batch_size)  # fmt: skip
 
 
-
 @pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_vae_update(benchmark, device, precision, memory_format):
@@ -64,8 +63,8 @@ def test_vae_update(benchmark, device, precision, memory_format):
     precision and memory format: the part of the step that the autocast and channels_last reach
     since the VAE runs under them."""
     torch.manual_seed(0)
-    config = preset_config("mnist", method="pre-dfkd", device=device, amp=precision == "bfloat16",
-                           cpu_amp=precision == "bfloat16",
+    mixed = precision == "bfloat16"
+    config = preset_config("mnist", method="pre-dfkd", device=device, amp=mixed, cpu_amp=mixed,
                            channels_last=memory_format == "channels_last")  # fmt: skip
     teacher = build_classifier("lenet5", 10, 1)
     student = build_classifier("lenet5_half", 10, 1)
