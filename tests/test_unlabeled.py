@@ -19,7 +19,7 @@ from dfkd_fast.unlabeled import (
     score_collection,
     source_from_spec,
 )
-from dfkd_fast.unlabeled.scores import BNTypicality, energy, msp, negative_entropy
+from dfkd_fast.unlabeled.scores import SCORES, BNTypicality, energy, msp, negative_entropy
 from dfkd_fast.unlabeled.sampling import balance_classes, base_weights
 
 from .shared import shared_path
@@ -141,7 +141,7 @@ def test_bn_typicality_uses_per_sample_statistics_and_noise_calibration():
         BNTypicality(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2)))
 
 
-@pytest.mark.parametrize("score", ["msp", "entropy", "energy", "odin", "bn-typicality"])
+@pytest.mark.parametrize("score", SCORES)
 def test_score_collection_is_batched_cached_and_in_index_order(tmp_path, score, monkeypatch):
     torch.manual_seed(0)
     teacher = small_cnn(4).eval()
@@ -158,6 +158,21 @@ def test_score_collection_is_batched_cached_and_in_index_order(tmp_path, score, 
     monkeypatch.setattr(teacher, "forward", lambda x: (_ for _ in ()).throw(AssertionError))
     cached = score_collection(teacher, collection, score, cache_dir=tmp_path, progress=False)
     assert torch.equal(cached.scores, scored.scores)
+
+
+def test_energy_plus_bn_typicality_adds_the_standardised_scores():
+    torch.manual_seed(0)
+    teacher = small_cnn(4).eval()
+    collection = Collection([noise_source(20, (1, 8, 8)), Source("other", uint8_images(9, 1, 8))],
+                            (1, 8, 8), (0.5,), (0.25,))  # fmt: skip
+    combined = score_collection(teacher, collection, "energy+bn-typicality", batch_size=8,
+                                progress=False)  # fmt: skip
+    typicality = score_collection(teacher, collection, "bn-typicality", progress=False).scores
+    energies = energy(combined.teacher_logits).double()
+    expected = ((energies - energies.mean()) / energies.std()
+                + (typicality.double() - typicality.double().mean()) / typicality.double().std())
+    torch.testing.assert_close(combined.scores.double(), expected, rtol=1e-4, atol=1e-4)
+    assert combined.scores.mean().abs() < 1e-4
 
 
 def test_odin_raises_the_tempered_max_softmax():

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from dfkd_fast.unlabeled.scores import standardised
+
 POLICIES = ("uniform", "top-k", "proportional")
 
 
@@ -29,8 +31,7 @@ def base_weights(scores: torch.Tensor, policy: str, temperature: float, top_frac
         weights[scores.topk(count).indices] = 1.0
         return weights
     if policy == "proportional":
-        standardised = (scores - scores.mean()) / scores.std().clamp_min(1e-12)
-        return torch.softmax(standardised / temperature, dim=0) * len(scores)
+        return torch.softmax(standardised(scores) / temperature, dim=0) * len(scores)
     raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
 
 

@@ -10,6 +10,8 @@ means more related. Scoring a collection is batched, shows progress and is cache
                    teacher's BatchNorm running statistics, summed over layers, each layer scaled
                    by the distance that Gaussian noise inputs give (white-box, no data needed);
                    per-sample statistics by the fused bn_stats kernel in the same teacher pass
+    energy+bn-typicality  the sum of the two, each standardised over the collection; both come
+                   from the same teacher pass
 """
 
 from __future__ import annotations
@@ -110,7 +112,12 @@ class BNTypicality:
         return -(distances / self.scales.to(distances.device)).mean(dim=1), logits
 
 
-SCORES = ("msp", "entropy", "energy", "odin", "bn-typicality")
+def standardised(scores: torch.Tensor) -> torch.Tensor:
+    return (scores - scores.mean()) / scores.std().clamp_min(1e-12)
+
+
+SCORES = ("msp", "entropy", "energy", "odin", "bn-typicality", "energy+bn-typicality")
+_USES_BN_TYPICALITY = ("bn-typicality", "energy+bn-typicality")
 _FROM_LOGITS = {"msp": msp, "entropy": negative_entropy, "energy": energy}
 
 
@@ -151,7 +158,7 @@ def score_collection(teacher: nn.Module, collection, score: str = "msp", batch_s
             return ScoredCollection(cached["scores"], cached["teacher_logits"], score)
     teacher = teacher.to(device).eval()
     typicality = None
-    if score == "bn-typicality":
+    if score in _USES_BN_TYPICALITY:
         typicality = BNTypicality(teacher)
         typicality.calibrate(collection.image_shape, device, torch.Generator().manual_seed(seed))
     scores, logits = [], []
@@ -170,7 +177,10 @@ def score_collection(teacher: nn.Module, collection, score: str = "msp", batch_s
             batch_scores = _FROM_LOGITS[score](batch_logits)
         scores.append(batch_scores.float().cpu())
         logits.append(batch_logits.float().cpu())
-    result = ScoredCollection(torch.cat(scores), torch.cat(logits), score)
+    scores, logits = torch.cat(scores), torch.cat(logits)
+    if score == "energy+bn-typicality":
+        scores = standardised(energy(logits)) + standardised(scores)
+    result = ScoredCollection(scores, logits, score)
     if cache_path is not None:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_torch_save(cache_path, {"scores": result.scores,
