@@ -22,6 +22,14 @@ def auroc(positive: torch.Tensor, negative: torch.Tensor) -> float:
     return ((ranks[:count].sum() - count * (count + 1) / 2) / (count * len(negative))).item()
 
 
+def draw_shares(scores, predictions, counts, temperature: float, uniform_share: float = 0.0):
+    """The share of the draws each source (`counts` samples each, in order) gets under the
+    class-balanced proportional policy, a `uniform_share` spread over the whole collection."""
+    weights = balance_classes(base_weights(scores, "proportional", temperature, 0.1), predictions)
+    probabilities = (1 - uniform_share) * weights / weights.sum() + uniform_share / len(weights)
+    return [share.sum().item() for share in probabilities.split(counts)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("scores", help="a run's scores-*.pt (scores and teacher_logits)")
@@ -41,10 +49,9 @@ def main() -> None:
         if name != arguments.target:
             print(f"AUROC {arguments.target} vs {name}: {auroc(target, values):.2f}")
     for temperature in arguments.temperatures:
-        weights = balance_classes(base_weights(scores, "proportional", temperature, 0.1), predictions)
-        shares = (weights / weights.sum()).split(counts)
+        shares = draw_shares(scores, predictions, counts, temperature)
         print(f"T = {temperature}: " + ", ".join(
-            f"{name} {share.sum():.1%}" for name, share in zip(names, shares)))
+            f"{name} {share:.1%}" for name, share in zip(names, shares)))
 
 
 if __name__ == "__main__":
