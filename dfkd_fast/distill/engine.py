@@ -305,7 +305,7 @@ def distill(
     scored = None
     if not config.data_free:
         scored = score_collection(teacher, collection, config.score, device=config.device,
-                                  cache_dir=directory, progress=progress, seed=config.seed)  # fmt: skip
+                                  cache_dir=directory, progress=progress)  # fmt: skip
     elif not has_bn and config.bn_weight > 0:
         warnings.warn(
             "the teacher has no BatchNorm layers: BatchNorm-statistic matching is disabled",

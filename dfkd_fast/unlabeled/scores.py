@@ -32,6 +32,8 @@ from dfkd_fast.ops.bn_stats import bn_stats
 ODIN_TEMPERATURE = 1000.0
 ODIN_STEP = 0.0014
 NOISE_CALIBRATION_SAMPLES = 256
+# the noise is fixed, so that scores depend on the teacher and the collection only (the cache key)
+NOISE_CALIBRATION_SEED = 0
 
 
 def msp(logits: torch.Tensor) -> torch.Tensor:
@@ -142,7 +144,7 @@ def _teacher_digest(teacher: nn.Module) -> str:
 
 def score_collection(teacher: nn.Module, collection, score: str = "msp", batch_size: int = 512,
                      device="cpu", cache_dir: str | os.PathLike | None = None,
-                     progress: bool = True, seed: int = 0) -> ScoredCollection:  # fmt: skip
+                     progress: bool = True) -> ScoredCollection:  # fmt: skip
     """Scores and teacher logits of every sample of `collection`, in index order; with
     `cache_dir`, reused when the same teacher has scored the same collection before."""
     if score not in SCORES:
@@ -160,7 +162,8 @@ def score_collection(teacher: nn.Module, collection, score: str = "msp", batch_s
     typicality = None
     if score in _USES_BN_TYPICALITY:
         typicality = BNTypicality(teacher)
-        typicality.calibrate(collection.image_shape, device, torch.Generator().manual_seed(seed))
+        calibration = torch.Generator().manual_seed(NOISE_CALIBRATION_SEED)
+        typicality.calibrate(collection.image_shape, device, calibration)
     scores, logits = [], []
     starts = range(0, len(collection), batch_size)
     for start in tqdm(starts, desc=f"scoring ({score})", unit="batch", disable=not progress):
