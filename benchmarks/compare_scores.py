@@ -25,7 +25,7 @@ from dfkd_fast.io import atomic_write_json
 from dfkd_fast.models.cifar import PRETRAINED_MEAN, PRETRAINED_STD
 from dfkd_fast.training import ClassifierInfo, load_classifier
 from dfkd_fast.unlabeled import Collection, score_collection
-from dfkd_fast.unlabeled.scores import energy, msp, negative_entropy, standardised
+from dfkd_fast.unlabeled.scores import energy, energy_plus_bn_typicality, msp, negative_entropy
 
 TARGET = "cifar10-jpeg"
 
@@ -61,7 +61,7 @@ def main() -> int:
     logits = typicality.teacher_logits
     scores = {"msp": msp(logits), "entropy": negative_entropy(logits), "energy": energy(logits),
               "bn-typicality": typicality.scores,
-              "energy+bn-typicality": standardised(energy(logits)) + standardised(typicality.scores)}
+              "energy+bn-typicality": energy_plus_bn_typicality(logits, typicality.scores)}
     if arguments.odin:
         scores["odin"] = score_collection(teacher, collection, "odin",
                                           cache_dir=arguments.cache_dir).scores  # fmt: skip

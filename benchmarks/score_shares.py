@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from dfkd_fast.unlabeled.sampling import balance_classes, base_weights
+from dfkd_fast.unlabeled.sampling import RelatednessSampler
 
 
 def auroc(positive: torch.Tensor, negative: torch.Tensor) -> float:
@@ -25,9 +25,9 @@ def auroc(positive: torch.Tensor, negative: torch.Tensor) -> float:
 def draw_shares(scores, predictions, counts, temperature: float, uniform_share: float = 0.0):
     """The share of the draws each source (`counts` samples each, in order) gets under the
     class-balanced proportional policy, a `uniform_share` spread over the whole collection."""
-    weights = balance_classes(base_weights(scores, "proportional", temperature, 0.1), predictions)
-    probabilities = (1 - uniform_share) * weights / weights.sum() + uniform_share / len(weights)
-    return [share.sum().item() for share in probabilities.split(counts)]
+    sampler = RelatednessSampler(scores, predictions, "proportional", temperature,
+                                 uniform_share=uniform_share)  # fmt: skip
+    return [share.sum().item() for share in sampler.probabilities.split(counts)]
 
 
 def main() -> None:

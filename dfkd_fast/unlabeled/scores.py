@@ -118,6 +118,11 @@ def standardised(scores: torch.Tensor) -> torch.Tensor:
     return (scores - scores.mean()) / scores.std().clamp_min(1e-12)
 
 
+def energy_plus_bn_typicality(logits: torch.Tensor, typicality: torch.Tensor) -> torch.Tensor:
+    """The energy of `logits` and the BN-typicality scores, each standardised, summed."""
+    return standardised(energy(logits)) + standardised(typicality)
+
+
 SCORES = ("msp", "entropy", "energy", "odin", "bn-typicality", "energy+bn-typicality")
 _USES_BN_TYPICALITY = ("bn-typicality", "energy+bn-typicality")
 _FROM_LOGITS = {"msp": msp, "entropy": negative_entropy, "energy": energy}
@@ -182,7 +187,7 @@ def score_collection(teacher: nn.Module, collection, score: str = "msp", batch_s
         logits.append(batch_logits.float().cpu())
     scores, logits = torch.cat(scores), torch.cat(logits)
     if score == "energy+bn-typicality":
-        scores = standardised(energy(logits)) + standardised(scores)
+        scores = energy_plus_bn_typicality(logits, scores)
     result = ScoredCollection(scores, logits, score)
     if cache_path is not None:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
