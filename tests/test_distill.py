@@ -107,6 +107,41 @@ def test_a_run_is_reproducible_under_its_seed(tmp_path, method):
     assert not same_weights(first.student, third.student)
 
 
+def test_the_data_free_methods_see_the_same_samples_until_replay_starts():
+    """Replay draws from its own random stream: until its first replay step, pre-dfkd and
+    memory-bank train the generator and the student exactly as adversarial does; from then on
+    they differ."""
+    config = dict(TINY, steps=10, replay_start=0.5)
+    runs = {}
+    for method in DATA_FREE_METHODS:
+        teacher, student = networks()
+        runs[method] = engine.Run(teacher, student, DistillConfig(method=method, **config),
+                                  IMAGE_SHAPE, bn_layers=True)  # fmt: skip
+    first_replay_step = runs["pre-dfkd"].config.first_replay_step
+    assert first_replay_step == 5
+    for step in range(1, first_replay_step):
+        for run_state in runs.values():
+            run_state.step_function(run_state, step)
+    baseline = runs["adversarial"]
+    for method in ("pre-dfkd", "memory-bank"):
+        assert same_weights(runs[method].generator, baseline.generator)
+        assert same_weights(runs[method].student, baseline.student)
+    for run_state in runs.values():
+        run_state.step_function(run_state, first_replay_step)
+    for method in ("pre-dfkd", "memory-bank"):
+        assert not same_weights(runs[method].student, baseline.student)
+
+
+def test_a_checkpoint_without_the_replay_stream_is_refused(tmp_path):
+    run(tmp_path, "pre-dfkd")
+    path = tmp_path / "run" / "checkpoint.pt"
+    checkpoint = load_checkpoint(path)
+    del checkpoint["run"]["replay_rng"]
+    torch.save(checkpoint, path)
+    with pytest.raises(ValueError, match="earlier dfkd_fast"):
+        run(tmp_path, "pre-dfkd", resume=True, steps=4)
+
+
 def kill_at_step_3(tmp_path, monkeypatch, method, name, **overrides):
     """Runs into tmp_path / name and crashes it in its third step."""
     original_step = engine.STEP_FUNCTIONS[method]

@@ -15,6 +15,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -36,6 +37,13 @@ from dfkd_fast.unlabeled.scores import score_collection
 
 CHECKPOINT_NAME = "checkpoint.pt"
 STUDENT_NAME = "student.pt"
+REPLAY_STREAM = 1
+
+
+def stream_seed(seed: int, stream: int) -> int:
+    """A seed for random stream `stream` of a run seeded with `seed`, statistically independent
+    of the other streams (numpy's SeedSequence), so that no two streams repeat each other's draws."""
+    return int(np.random.SeedSequence([seed, stream]).generate_state(1, dtype=np.uint64)[0])
 
 
 @dataclass
@@ -52,8 +60,12 @@ class DistillResult:
 
 class Run:
     """Everything a step touches: the networks, their optimizers, the replay memory, the random
-    generator. Built from the config alone (plus the user's teacher and student), so that a
-    checkpoint of its state dicts restores it exactly."""
+    generators. Built from the config alone (plus the user's teacher and student), so that a
+    checkpoint of its state dicts restores it exactly.
+
+    The replay memory draws from a random stream of its own (`replay_rng`), so that the data-free
+    methods see the same synthetic samples until replay starts and differ only in what they
+    replay from then on."""
 
     def __init__(self, teacher, student, config: DistillConfig, image_shape, bn_layers: bool,
                  collection=None, scored=None):  # fmt: skip
@@ -71,6 +83,7 @@ class Run:
         if config.student_ema > 0:
             self.student_average = WeightAverage(self.student, config.student_ema)
         self.rng = torch.Generator(self.device).manual_seed(config.seed)
+        self.replay_rng = None
         self.generator = self.generator_optimizer = self.replay = self.bn_hooks = None
         self.feature_hooks = None
         if config.data_free:
@@ -79,6 +92,9 @@ class Run:
                 self.generator = Generator(config.latent_dim, image_shape, config.generator_width)
                 self.generator.to(self.device, memory_format=memory_format).train()
                 self.replay = self._build_replay()
+            if self.replay is not None:
+                self.replay_rng = torch.Generator(self.device).manual_seed(
+                    stream_seed(config.seed, REPLAY_STREAM))
             self.generator_optimizer = torch.optim.Adam(
                 self.generator.parameters(), lr=config.generator_lr, betas=(0.5, 0.999)
             )
@@ -161,6 +177,7 @@ class Run:
             state["drawn_per_source"] = self.drawn_per_source
         if self.replay is not None:
             state["replay"] = self.replay.state_dict()
+            state["replay_rng"] = self.replay_rng.get_state()
         if self.student_average is not None:
             state["student_average"] = self.student_average.state_dict()
         if self.bn_hooks is not None:
@@ -180,7 +197,13 @@ class Run:
             self.cpu_rng.set_state(state["cpu_rng"])
             self.drawn_per_source = state["drawn_per_source"].clone()
         if self.replay is not None:
+            if "replay_rng" not in state:
+                raise ValueError(
+                    "the checkpoint was written by an earlier dfkd_fast, whose replay shared the "
+                    "run's random stream: it cannot be resumed to the same result; start a new run"
+                )
             self.replay.load_state_dict(state["replay"])
+            self.replay_rng.set_state(state["replay_rng"])
         if self.student_average is not None:
             self.student_average.load_state_dict(state["student_average"])
         if self.bn_hooks is not None and "bn_ema" in state:

@@ -93,7 +93,8 @@ def student_step(run, replay_count: int) -> torch.Tensor:
         latent = sample_prior(fresh_count, config.latent_dim, generator=run.rng, device=run.device)
         images = run.generator(latent)
         if replay_count:
-            images = torch.cat([images, run.replay.sample(replay_count, run.rng).to(images.dtype)])
+            replayed = run.replay.sample(replay_count, run.replay_rng)
+            images = torch.cat([images, replayed.to(images.dtype)])
         images = random_translate(images, config.max_shift, run.rng)
         teacher_logits = run.teacher(images)
     with run.autocast():
@@ -113,7 +114,8 @@ def adversarial_step(run, step: int) -> dict:
 def replay_step(run, step: int) -> dict:
     """pre-dfkd and memory-bank: `run.replay` is a GenerativeReplay or a MemoryBank."""
     images, teacher_logits, losses = generator_step(run)
-    replay_loss = run.replay.update(images.float(), teacher_logits, run.teacher, run.rng)
+    replay_loss = run.replay.update(images.float(), teacher_logits, run.teacher,
+                                   run.replay_rng)
     if replay_loss is not None:
         losses["replay"] = replay_loss
     replay_count = run.config.replay_batch_size if step >= run.config.first_replay_step else 0
