@@ -369,7 +369,7 @@ def test_robustness_statistics_of_a_known_curve():
         (dict(replay_fraction=1.0), ValueError), (dict(adversarial_weight=-1.0), ValueError),
         (dict(temperature=float("nan")), ValueError), (dict(steps=2.5), TypeError),
         (dict(bn_weight="1"), TypeError), (dict(student_ema=1.0), ValueError),
-        (dict(max_shift=-1), ValueError),
+        (dict(max_shift=-1), ValueError), (dict(seed=-1), ValueError),
     ],
 )  # fmt: skip
 def test_config_rejects_bad_values(overrides, error):

@@ -135,6 +135,8 @@ class DistillConfig:
             raise ValueError("mixup_fraction + cutmix_fraction must be at most 1")
         if self.max_shift < 0:
             raise ValueError(f"max_shift must be >= 0, got {self.max_shift}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be >= 2 (batch statistics), got {self.batch_size}")
 
