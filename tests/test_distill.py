@@ -139,7 +139,7 @@ def test_a_checkpoint_without_the_replay_stream_is_refused(tmp_path):
     del checkpoint["run"]["replay_rng"]
     torch.save(checkpoint, path)
     with pytest.raises(ValueError, match="earlier dfkd_fast"):
-        run(tmp_path, "pre-dfkd", resume=True, steps=4)
+        run(tmp_path, "pre-dfkd", resume=True)
 
 
 def kill_at_step_3(tmp_path, monkeypatch, method, name, **overrides):
