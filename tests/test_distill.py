@@ -21,9 +21,16 @@ from dfkd_fast.distill import engine
 from dfkd_fast.distill.averaging import WeightAverage
 from dfkd_fast.distill.replay import GenerativeReplay, MemoryBank
 from dfkd_fast.distill.report import robustness
+from dfkd_fast.distill.streams import (
+    REPLAY_STREAM,
+    SAMPLE_GRID_STREAM,
+    SAMPLER_STREAM,
+    stream_seed,
+)
 from dfkd_fast.io import load_checkpoint
 from dfkd_fast.models import lenet5, small_cnn
 from dfkd_fast.unlabeled import Collection, Source, noise_source
+from dfkd_fast.unlabeled.scores import score_collection
 from tests.conftest import requires_cuda, same_state
 
 IMAGE_SHAPE = (1, 8, 8)
@@ -140,6 +147,25 @@ def test_a_checkpoint_without_the_replay_stream_is_refused(tmp_path):
     torch.save(checkpoint, path)
     with pytest.raises(ValueError, match="earlier dfkd_fast"):
         run(tmp_path, "pre-dfkd", resume=True)
+
+
+def test_the_unlabeled_index_draws_have_their_own_stream():
+    """The sampler's indices and the shifts and mixing of the same batch come from different
+    streams: seeded alike, the two would draw the same random bits."""
+    teacher, student = networks()
+    config = DistillConfig(method="unlabeled", **TINY)
+    collection = small_collection("unlabeled")
+    scored = score_collection(teacher, collection, config.score, progress=False)
+    run_state = engine.Run(teacher, student, config, IMAGE_SHAPE, True, collection, scored)
+    assert not torch.equal(torch.rand(64, generator=run_state.rng),
+                           torch.rand(64, generator=run_state.cpu_rng))  # fmt: skip
+
+
+def test_stream_seeds_differ_by_stream_and_by_seed():
+    streams = (REPLAY_STREAM, SAMPLER_STREAM, SAMPLE_GRID_STREAM)
+    seeds = [stream_seed(seed, stream) for seed in range(4) for stream in streams]
+    assert len(set(seeds) | set(range(4))) == len(seeds) + 4
+    assert stream_seed(3, SAMPLER_STREAM) == stream_seed(3, SAMPLER_STREAM)
 
 
 def kill_at_step_3(tmp_path, monkeypatch, method, name, **overrides):

@@ -15,7 +15,6 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -27,6 +26,7 @@ from dfkd_fast.distill.averaging import WeightAverage
 from dfkd_fast.distill.config import DistillConfig
 from dfkd_fast.distill.replay import GenerativeReplay, MemoryBank
 from dfkd_fast.distill.steps import STEP_FUNCTIONS
+from dfkd_fast.distill.streams import REPLAY_STREAM, SAMPLER_STREAM, stream_seed
 from dfkd_fast.hooks import BNStatHooks, PenultimateFeatures, batchnorm_layers
 from dfkd_fast.io import atomic_torch_save, ensure_writable_dir, load_checkpoint
 from dfkd_fast.models.generator import Generator, check_image_shape
@@ -37,13 +37,6 @@ from dfkd_fast.unlabeled.scores import score_collection
 
 CHECKPOINT_NAME = "checkpoint.pt"
 STUDENT_NAME = "student.pt"
-REPLAY_STREAM = 1
-
-
-def stream_seed(seed: int, stream: int) -> int:
-    """A seed for random stream `stream` of a run seeded with `seed`, statistically independent
-    of the other streams (numpy's SeedSequence), so that no two streams repeat each other's draws."""
-    return int(np.random.SeedSequence([seed, stream]).generate_state(1, dtype=np.uint64)[0])
 
 
 @dataclass
@@ -112,7 +105,7 @@ class Run:
                 config.top_fraction, config.class_balance, config.disagreement_weight,
                 config.uniform_share, self.device,
             )  # fmt: skip
-            self.cpu_rng = torch.Generator().manual_seed(config.seed)
+            self.cpu_rng = torch.Generator().manual_seed(stream_seed(config.seed, SAMPLER_STREAM))
             self.drawn_per_source = torch.zeros(len(collection.sources), dtype=torch.long)
         self.student_optimizer = torch.optim.SGD(
             self.student.parameters(), lr=config.student_lr, momentum=0.9,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from dfkd_fast.distill.streams import SAMPLE_GRID_STREAM, stream_seed
 from dfkd_fast.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from dfkd_fast.ops.reparameterize import sample_prior
 
@@ -181,7 +182,8 @@ def plot(directory: Path, curve: list[dict], method: str, run, mean, std, scored
         if plot_samples(directory / "samples.png", panels, mean, std):
             written.append("samples.png")
         return written
-    rng = torch.Generator(run.device).manual_seed(run.config.seed + 1)
+    seed = stream_seed(run.config.seed, SAMPLE_GRID_STREAM)
+    rng = torch.Generator(run.device).manual_seed(seed)
     latent = sample_prior(32, run.config.latent_dim, generator=rng, device=run.device)
     panels = {"synthetic (generator)": run.generator(latent)}
     if run.replay is not None:
