@@ -149,6 +149,38 @@ def test_a_checkpoint_without_the_replay_stream_is_refused(tmp_path):
         run(tmp_path, "pre-dfkd", resume=True)
 
 
+def test_a_checkpoint_of_a_vae_without_the_fitted_gaussian_is_refused(tmp_path):
+    run(tmp_path, "pre-dfkd")
+    path = tmp_path / "run" / "checkpoint.pt"
+    checkpoint = load_checkpoint(path)
+    for name in ("fitted_mean", "fitted_second_moment", "fitted_scale"):
+        del checkpoint["run"]["replay"]["vae"][name]
+    torch.save(checkpoint, path)
+    with pytest.raises(ValueError, match="no fitted Gaussian"):
+        run(tmp_path, "pre-dfkd", resume=True)
+
+
+def test_replay_decodes_the_fitted_gaussian_unless_told_not_to():
+    """Both settings make the same first VAE update (the fit changes no weight, and the VAE
+    rehearses no sample of its own yet); the replayed images differ."""
+    replays = {}
+    for fitted in (True, False):
+        torch.manual_seed(0)
+        replays[fitted] = GenerativeReplay(IMAGE_SHAPE, latent_dim=4, width=4, lr=1e-3,
+                                           output_weight=1.0, kl_weight=0.1, self_replay=0.5,
+                                           device="cpu", fitted_prior=fitted)  # fmt: skip
+        teacher = small_cnn(4).eval().requires_grad_(False)
+        images = torch.randn(16, *IMAGE_SHAPE, generator=torch.Generator().manual_seed(1))
+        replays[fitted].update(images, teacher(images), teacher, torch.Generator().manual_seed(2))
+    assert same_weights(replays[True].vae, replays[False].vae)  # the fit is kept either way
+    fitted, prior = (replays[f].sample(8, torch.Generator().manual_seed(3)) for f in (True, False))
+    assert not torch.allclose(fitted, prior)
+    replays[False].vae.eval()
+    with torch.no_grad():
+        expected = replays[False].vae.sample(8, torch.Generator().manual_seed(3), fitted=False)
+    assert torch.equal(prior, expected)
+
+
 def test_the_unlabeled_index_draws_have_their_own_stream():
     """The sampler's indices and the shifts and mixing of the same batch come from different
     streams: seeded alike, the two would draw the same random bits."""
@@ -396,6 +428,7 @@ def test_robustness_statistics_of_a_known_curve():
         (dict(temperature=float("nan")), ValueError), (dict(steps=2.5), TypeError),
         (dict(bn_weight="1"), TypeError), (dict(student_ema=1.0), ValueError),
         (dict(max_shift=-1), ValueError), (dict(seed=-1), ValueError),
+        (dict(vae_prior_decay=1.0), ValueError), (dict(vae_fitted_prior=1), TypeError),
     ],
 )  # fmt: skip
 def test_config_rejects_bad_values(overrides, error):

@@ -17,6 +17,7 @@ from dfkd_fast.models import (
     strip_prefix,
 )
 from dfkd_fast.models.cifar import PRETRAINED_MEAN, PRETRAINED_STD
+from dfkd_fast.ops.reparameterize import sample_prior
 
 from .shared import pretrained_resnet_path, shared_path
 
@@ -120,6 +121,52 @@ def test_vae_kl_is_the_closed_form_of_its_moments():
     _, kl = vae(images, generator=torch.Generator().manual_seed(0))
     expected = -0.5 * (1 + logvar - mu**2 - logvar.exp()).sum(1)
     torch.testing.assert_close(kl.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_vae_fits_a_gaussian_to_its_posteriors(autocast):
+    """Moments of the mixture of the batch's posteriors, against a float64 reference, then a
+    moving average of them; kept in float32 under bfloat16 autocast."""
+    torch.manual_seed(0)
+    vae = VAE((1, 8, 8), latent_dim=5, width=4).train()
+    batches = [torch.randn(37, 1, 8, 8) * 2 + 1 for _ in range(2)]
+    expected_mean = torch.zeros(5, dtype=torch.float64)
+    expected_second = torch.eye(5, dtype=torch.float64)
+    for images, weight in zip(batches, (1.0, 0.3)):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            mu, logvar = (t.double() for t in vae.encode(images))
+            vae(images, generator=torch.Generator().manual_seed(0), fit_weight=weight)
+        second = (mu.T @ mu + torch.diag(logvar.exp().sum(0))) / len(mu)
+        expected_mean = (1 - weight) * expected_mean + weight * mu.mean(0)
+        expected_second = (1 - weight) * expected_second + weight * second
+    covariance = expected_second - torch.outer(expected_mean, expected_mean)
+    assert vae.fitted_scale.dtype == torch.float32
+    torch.testing.assert_close(vae.fitted_mean.double(), expected_mean, rtol=1e-5, atol=1e-5)
+    scale = vae.fitted_scale.double()
+    assert torch.equal(scale, scale.tril())
+    jitter = 1e-4 * covariance.diagonal().mean()
+    torch.testing.assert_close(scale @ scale.T, covariance + jitter * torch.eye(5),
+                               rtol=1e-4, atol=1e-4)  # fmt: skip
+    # without fit_weight the fit stays as it is
+    before = vae.fitted_scale.clone()
+    vae(batches[0], generator=torch.Generator().manual_seed(0))
+    assert torch.equal(vae.fitted_scale, before)
+
+
+def test_vae_samples_decode_the_fitted_gaussian_or_the_prior(monkeypatch):
+    torch.manual_seed(0)
+    vae = VAE((1, 8, 8), latent_dim=3, width=4).eval()
+    vae.fitted_mean.copy_(torch.tensor([1.0, -2.0, 0.5]))
+    vae.fitted_scale.copy_(torch.tensor([[2.0, 0.0, 0.0], [1.0, 0.5, 0.0], [0.0, -1.0, 1.0]]))
+    monkeypatch.setattr(vae, "decode", lambda latent: latent)
+    latent = vae.sample(20000, torch.Generator().manual_seed(1)).double()
+    torch.testing.assert_close(latent.mean(0), vae.fitted_mean.double(), atol=0.05, rtol=0)
+    scale = vae.fitted_scale.double()
+    torch.testing.assert_close(latent.T.cov(correction=0), scale @ scale.T, atol=0.08, rtol=0)
+    prior = vae.sample(5, torch.Generator().manual_seed(1), fitted=False)
+    noise = sample_prior(5, 3, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(prior, noise)
+    torch.testing.assert_close(latent[:5].float(), vae.fitted_mean + noise @ vae.fitted_scale.T)
 
 
 @pytest.mark.parametrize("image_shape", [(1, 3, 8), (0, 8, 8), (1, 8), (1.0, 8, 8)])

@@ -71,6 +71,11 @@ class DistillConfig:
     vae_output_weight: float = 1.0
     vae_kl_weight: float = 0.1
     vae_self_replay: float = 0.5
+    # replay (and the VAE's own rehearsal) decodes draws from a Gaussian fitted to the VAE's
+    # posteriors of the images learnt so far, a moving average with this decay per update;
+    # False: from the N(0, I) prior, as in PRE-DFKD
+    vae_fitted_prior: bool = True
+    vae_prior_decay: float = 0.99
     # memory-bank: the number of past synthetic images kept
     memory_bank_size: int = 10240
     # unlabeled: relatedness score and sampling policy over the collection (see
@@ -111,7 +116,7 @@ class DistillConfig:
             raise ValueError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
-        for name in ("class_balance", "amp", "cpu_amp", "channels_last"):
+        for name in ("class_balance", "amp", "cpu_amp", "channels_last", "vae_fitted_prior"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         positive = ("steps", "student_steps", "batch_size", "latent_dim", "generator_width",
@@ -124,7 +129,7 @@ class DistillConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         for name in ("replay_fraction", "replay_start", "vae_self_replay", "bn_momentum",
-                     "student_ema"):
+                     "student_ema", "vae_prior_decay"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         if self.uniform_share > 1:

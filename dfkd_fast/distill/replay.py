@@ -3,7 +3,7 @@
 - :class:`GenerativeReplay` (PRE-DFKD, Binici et al., AAAI 2022) keeps no sample: a VAE learns
   the synthetic batches as they come (reconstruction in pixel space and in the teacher's output
   space, a small KL weight, and rehearsal of its own samples so that it does not forget either),
-  and replays by decoding draws from its prior.
+  and replays by decoding draws from a Gaussian fitted to its posteriors (or from its prior).
 - :class:`MemoryBank` stores past synthetic images in a ring buffer and replays random ones, the
   baseline whose memory PRE-DFKD saves.
 
@@ -29,8 +29,11 @@ def tensor_bytes(tensors) -> int:
 class GenerativeReplay:
     def __init__(self, image_shape, latent_dim: int, width: int, lr: float, output_weight: float,
                  kl_weight: float, self_replay: float, device, batch_size: int | None = None,
-                 autocast=contextlib.nullcontext, memory_format=torch.contiguous_format):  # fmt: skip
+                 autocast=contextlib.nullcontext, memory_format=torch.contiguous_format,
+                 fitted_prior: bool = True, prior_decay: float = 0.99):  # fmt: skip
         self.vae = VAE(image_shape, latent_dim, width).to(device, memory_format=memory_format)
+        self.fitted_prior = fitted_prior  # decode replay from the fitted Gaussian, not N(0, I)
+        self.prior_decay = prior_decay  # of the fitted Gaussian's moving averages
         self.autocast = autocast  # the forward passes' autocast context (the run's)
         self.batch_size = batch_size  # synthetic images learnt per update (None: all given)
         self.optimizer = torch.optim.Adam(self.vae.parameters(), lr=lr)
@@ -52,7 +55,8 @@ class GenerativeReplay:
             teacher_logits = torch.cat([teacher_logits.float(), old_logits.float()])
         self.vae.train()
         with self.autocast():
-            reconstruction, kl = self.vae(images, generator=generator)
+            reconstruction, kl = self.vae(images, generator=generator,
+                                          fit_weight=self._fit_weight())  # fmt: skip
             output_loss = kd_div(teacher(reconstruction), teacher_logits)
         pixel_loss = F.mse_loss(reconstruction.float(), images)
         kl_per_pixel = kl.float().mean() / images[0].numel()
@@ -63,11 +67,15 @@ class GenerativeReplay:
         self.updates += 1
         return loss.detach()
 
+    def _fit_weight(self) -> float:
+        """1 - decay, warmed up like the student's weight average so the first batches count."""
+        return 1 - min(self.prior_decay, (1 + self.updates) / (10 + self.updates))
+
     @torch.no_grad()
     def sample(self, count: int, generator: torch.Generator) -> torch.Tensor:
         self.vae.eval()
         with self.autocast():
-            return self.vae.sample(count, generator=generator)
+            return self.vae.sample(count, generator=generator, fitted=self.fitted_prior)
 
     def memory_bytes(self) -> int:
         return tensor_bytes(self.vae.parameters()) + tensor_bytes(self.vae.buffers())
@@ -77,6 +85,12 @@ class GenerativeReplay:
                 "updates": self.updates}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
+        if "fitted_scale" not in state["vae"]:
+            raise ValueError(
+                "the checkpoint was written by an earlier dfkd_fast, whose VAE replayed from "
+                "N(0, I) with no fitted Gaussian: it cannot be resumed to the same result; start "
+                "a new run"
+            )
         self.vae.load_state_dict(state["vae"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.updates = int(state["updates"])
