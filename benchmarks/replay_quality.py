@@ -31,7 +31,8 @@ def describe(images: torch.Tensor, teacher, student) -> dict:
     predictions = teacher_probabilities.argmax(dim=1)
     return {
         "teacher_top_probability": teacher_probabilities.max(dim=1).values.mean().item(),
-        "teacher_class_counts": torch.bincount(predictions, minlength=10).tolist(),
+        "teacher_class_counts": torch.bincount(
+            predictions, minlength=teacher_probabilities.shape[1]).tolist(),
         "student_agreement": (student_predictions == predictions).float().mean().item(),
         "image_std": images.std().item(),
     }

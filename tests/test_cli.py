@@ -3,9 +3,11 @@ errors reported as messages with exit status 2."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,3 +103,34 @@ def test_module_entry_point_prints_help():
     completed = subprocess.run([sys.executable, "-m", "dfkd_fast", "distill", "--help"],
                                capture_output=True, text=True, check=True)  # fmt: skip
     assert "--method" in completed.stdout and "pre-dfkd" in completed.stdout
+
+
+def test_replay_quality_describes_a_finished_pre_dfkd_run(tmp_path, capsys):
+    """benchmarks/replay_quality.py reads a run's checkpoint and scores three kinds of images;
+    only the numbers' shapes and ranges can be checked on a 3-step run."""
+    script = Path(__file__).parents[1] / "benchmarks" / "replay_quality.py"
+    spec = importlib.util.spec_from_file_location("replay_quality", script)
+    replay_quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(replay_quality)
+    run = tmp_path / "run"
+    assert main(["distill", "--method", "pre-dfkd", "--replay-start", "0", "--output-dir",
+                 str(run), *TINY]) == 0  # fmt: skip
+    report = tmp_path / "quality.json"
+    assert replay_quality.main([str(run), "--teacher", str(run / "digits-teacher.pt"),
+                                "--count", "40", "--json", str(report)]) == 0  # fmt: skip
+    numbers = json.loads(report.read_text())
+    assert numbers["step"] == 3 and numbers["count"] == 40
+    assert set(numbers["samples"]) == {"generator", "vae, fitted Gaussian", "vae, N(0, I)"}
+    for described in numbers["samples"].values():
+        assert sum(described["teacher_class_counts"]) == 40
+        assert len(described["teacher_class_counts"]) == 10
+        assert 0.1 <= described["teacher_top_probability"] <= 1
+        assert 0 <= described["student_agreement"] <= 1 and described["image_std"] > 0
+    assert numbers["posterior_std"] > 0 and numbers["posterior_mean_spread"] > 0
+    assert "posteriors of the generator's images" in capsys.readouterr().out
+    other = tmp_path / "memory-bank"
+    assert main(["distill", "--method", "memory-bank", "--teacher", str(run / "digits-teacher.pt"),
+                 "--output-dir", str(other), *TINY]) == 0  # fmt: skip
+    with pytest.raises(SystemExit):
+        replay_quality.main([str(other), "--teacher", str(run / "digits-teacher.pt")])
+    assert "not a pre-dfkd one" in capsys.readouterr().err

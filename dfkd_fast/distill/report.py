@@ -103,7 +103,8 @@ def plot_curves(path: Path, curves: dict[str, list[dict]], title: str) -> bool:
             axes.plot(*zip(*points), marker=".", label=label)
     axes.set(xlabel="step", ylabel="student test accuracy", title=title)
     axes.grid(alpha=0.3)
-    axes.legend()
+    if axes.lines:  # a run without test data has no accuracy to draw
+        axes.legend()
     _save_figure(figure, path)
     pyplot.close(figure)
     return True
