@@ -55,8 +55,7 @@ def main(argv=None) -> int:
     student = build_classifier(student_record["arch"], info.num_classes, info.image_shape[0])
     run = Run(teacher, student, config, info.image_shape, bn_layers=False)
     run.load_state_dict(checkpoint["run"])
-    kept_student = (run.student_average.network if run.student_average is not None
-                    else run.student).eval()  # fmt: skip
+    kept_student = run.kept_student().eval()
     rng = torch.Generator(run.device).manual_seed(arguments.seed)
     vae = run.replay.vae.eval()
     with torch.no_grad():

@@ -11,6 +11,13 @@ import torch
 from torch import nn
 
 
+def warmed_up_weight(decay: float, updates: int) -> float:
+    """The weight of the newest value in a moving average with `decay`, after `updates`
+    earlier updates: ``1 - min(decay, (1 + updates) / (10 + updates))``, so that the first
+    values are not lost in the starting value."""
+    return 1 - min(decay, (1 + updates) / (10 + updates))
+
+
 class WeightAverage:
     """``average = decay * average + (1 - decay) * weights`` after every update, with the decay
     warmed up as ``min(decay, (1 + n) / (10 + n))`` so the first updates are not lost in the
@@ -31,7 +38,7 @@ class WeightAverage:
     @torch.no_grad()
     def update(self, network: nn.Module) -> None:
         self.updates += 1
-        weight = 1 - min(self.decay, (1 + self.updates) / (10 + self.updates))
+        weight = warmed_up_weight(self.decay, self.updates)
         current = [tensor.detach() for tensor in (*network.parameters(), *network.buffers())]
         if len(current) != len(self._tensors):
             raise ValueError("the network does not have the averaged network's tensors")

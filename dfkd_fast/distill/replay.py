@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dfkd_fast.distill.averaging import warmed_up_weight
 from dfkd_fast.models.vae import VAE
 from dfkd_fast.ops.kd_div import kd_div
 
@@ -54,9 +55,9 @@ class GenerativeReplay:
             images = torch.cat([images, old_images.to(images.dtype)])
             teacher_logits = torch.cat([teacher_logits.float(), old_logits.float()])
         self.vae.train()
+        fit_weight = warmed_up_weight(self.prior_decay, self.updates)
         with self.autocast():
-            reconstruction, kl = self.vae(images, generator=generator,
-                                          fit_weight=self._fit_weight())  # fmt: skip
+            reconstruction, kl = self.vae(images, generator=generator, fit_weight=fit_weight)
             output_loss = kd_div(teacher(reconstruction), teacher_logits)
         pixel_loss = F.mse_loss(reconstruction.float(), images)
         kl_per_pixel = kl.float().mean() / images[0].numel()
@@ -66,10 +67,6 @@ class GenerativeReplay:
         self.optimizer.step()
         self.updates += 1
         return loss.detach()
-
-    def _fit_weight(self) -> float:
-        """1 - decay, warmed up like the student's weight average so the first batches count."""
-        return 1 - min(self.prior_decay, (1 + self.updates) / (10 + self.updates))
 
     @torch.no_grad()
     def sample(self, count: int, generator: torch.Generator) -> torch.Tensor:

@@ -74,17 +74,14 @@ class VAE(nn.Module):
         """Moment matching of the mixture of the posteriors N(mu_i, diag(exp(logvar_i))), in
         float32 whatever the autocast."""
         with torch.autocast(mu.device.type, enabled=False):
-            self._fit_float32(mu, logvar, weight)
-
-    def _fit_float32(self, mu: torch.Tensor, logvar: torch.Tensor, weight: float) -> None:
-        second_moment = (mu.T @ mu + torch.diag(logvar.exp().sum(dim=0))) / len(mu)
-        self.fitted_mean.lerp_(mu.mean(dim=0), weight)
-        self.fitted_second_moment.lerp_(second_moment, weight)
-        covariance = self.fitted_second_moment - torch.outer(self.fitted_mean, self.fitted_mean)
-        jitter = 1e-4 * covariance.diagonal().mean().clamp_min(1e-6)
-        identity = torch.eye(self.latent_dim, device=mu.device)
-        # cholesky_ex does not check the result on the host: no device sync
-        self.fitted_scale.copy_(torch.linalg.cholesky_ex(covariance + jitter * identity).L)
+            second_moment = (mu.T @ mu + torch.diag(logvar.exp().sum(dim=0))) / len(mu)
+            self.fitted_mean.lerp_(mu.mean(dim=0), weight)
+            self.fitted_second_moment.lerp_(second_moment, weight)
+            covariance = self.fitted_second_moment - torch.outer(self.fitted_mean, self.fitted_mean)
+            jitter = 1e-4 * covariance.diagonal().mean().clamp_min(1e-6)
+            identity = torch.eye(self.latent_dim, device=mu.device)
+            # cholesky_ex does not check the result on the host: no device sync
+            self.fitted_scale.copy_(torch.linalg.cholesky_ex(covariance + jitter * identity).L)
 
     @torch.no_grad()
     def sample(self, count: int, generator: torch.Generator | None = None,
