@@ -601,3 +601,19 @@ def test_cpu_amp_warns_on_a_cpu_without_bfloat16_instructions(tmp_path, monkeypa
     messages = [str(warning.message) for warning in caught if "cpu_amp" in str(warning.message)]
     assert len(messages) == (1 if native is False else 0)
     assert all("no bfloat16 instructions" in message for message in messages)
+
+
+def test_a_plot_of_many_runs_puts_its_legend_beside_the_curves(tmp_path):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    from dfkd_fast.distill.report import LEGEND_INSIDE_MAX_LINES, plot_curves
+
+    curve = [{"step": step, "accuracy": step / 100} for step in range(10, 100, 10)]
+    few = {f"run {index}": curve for index in range(LEGEND_INSIDE_MAX_LINES)}
+    many = {f"run {index}": curve for index in range(LEGEND_INSIDE_MAX_LINES + 1)}
+    assert plot_curves(tmp_path / "few.png", few, "few")
+    assert plot_curves(tmp_path / "many.png", many, "many")
+    few_width = Image.open(tmp_path / "few.png").size[0]
+    many_width = Image.open(tmp_path / "many.png").size[0]
+    assert many_width > few_width * 1.15  # the legend widens the picture instead of covering it

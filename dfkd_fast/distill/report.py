@@ -91,6 +91,9 @@ def _save_figure(figure, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+LEGEND_INSIDE_MAX_LINES = 3
+
+
 def plot_curves(path: Path, curves: dict[str, list[dict]], title: str) -> bool:
     """Accuracy against step, one line per run; False when matplotlib is missing."""
     pyplot = _pyplot()
@@ -103,7 +106,9 @@ def plot_curves(path: Path, curves: dict[str, list[dict]], title: str) -> bool:
             axes.plot(*zip(*points), marker=".", label=label)
     axes.set(xlabel="step", ylabel="student test accuracy", title=title)
     axes.grid(alpha=0.3)
-    if axes.lines:  # a run without test data has no accuracy to draw
+    if len(axes.lines) > LEGEND_INSIDE_MAX_LINES:  # beside the axes, not over the curves
+        axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    elif axes.lines:  # a run without test data has no accuracy to draw
         axes.legend()
     _save_figure(figure, path)
     pyplot.close(figure)
