@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # CIFAR-10, pretrained ResNet-56 teacher (shared weights) -> ResNet-20 from an unlabeled collection:
 # MNIST, Fashion-MNIST, KMNIST (upscaled to 32x32, grey to colour), noise and 5% of the CIFAR-10
-# JPEG training images; uniform vs related (BN-typicality) sampling, evaluated on the exact
+# JPEG training images; uniform vs related (energy+BN-typicality) sampling, evaluated on the exact
 # 1000-image test subset. Extra arguments go to `dfkd-fast distill`:
 #   CPU, a short run:  bash benchmarks/distill_unlabeled_cifar10.sh --steps 400 --batch-size 64
 #   GPU, the full run: RESULT_TAG=h100 bash benchmarks/distill_unlabeled_cifar10.sh --device cuda
 # SOURCE_FRACTION (default 1) keeps that fraction of each of MNIST, Fashion-MNIST and KMNIST;
 # CIFAR_SOURCE replaces the CIFAR-10 spec (an .npz of those 5% travels where the archive cannot);
 # POLICIES (default "uniform related") chooses the runs.
-# Writes runs/cifar10-unlabeled-{uniform,related}/ and benchmarks/results/distill-unlabeled-cifar10-<tag>.json.
+# Writes runs/cifar10-unlabeled-{uniform,related}-<tag>/ and benchmarks/results/distill-unlabeled-cifar10-<tag>.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 shared="${DFKD_FAST_SHARED:-../shared}"
