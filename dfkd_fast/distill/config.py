@@ -205,7 +205,7 @@ PRESETS: dict[str, dict] = {
                             max_shift=2, eval_every=100, checkpoint_every=500),
     # CIFAR-10 teacher: energy plus BN typicality, the score that best singles out the CIFAR-10
     # images of the benchmark's collection, at T = 1 for half of the draws, the other half
-    # uniform (docs/results.md: 70.1% against 64.7% with BN typicality alone, two seeds)
+    # uniform (docs/results.md: 70.0% against 65.5% with BN typicality alone, three seeds)
     "cifar10-unlabeled": dict(steps=3000, student_steps=1, temperature=4.0, batch_size=128,
                               score="energy+bn-typicality", policy_temperature=1.0,
                               uniform_share=0.5, mixup_fraction=0.5, cutmix_fraction=0.5,
