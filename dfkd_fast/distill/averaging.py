@@ -12,16 +12,16 @@ from torch import nn
 
 
 def warmed_up_weight(decay: float, updates: int) -> float:
-    """The weight of the newest value in a moving average with `decay`, after `updates`
-    earlier updates: ``1 - min(decay, (1 + updates) / (10 + updates))``, so that the first
-    values are not lost in the starting value."""
+    """The weight of the newest value in a moving average with `decay` at update count
+    `updates` (the caller's count): ``1 - min(decay, (1 + updates) / (10 + updates))``, larger
+    early on, so that the first values are not lost in the starting value."""
     return 1 - min(decay, (1 + updates) / (10 + updates))
 
 
 class WeightAverage:
     """``average = decay * average + (1 - decay) * weights`` after every update, with the decay
-    warmed up as ``min(decay, (1 + n) / (10 + n))`` so the first updates are not lost in the
-    random initialisation. Floating-point buffers (BatchNorm statistics) are averaged too, the
+    warmed up by :func:`warmed_up_weight` (the count includes the update being made) so the first
+    updates are not lost in the random initialisation. Floating-point buffers (BatchNorm statistics) are averaged too, the
     others copied."""
 
     def __init__(self, network: nn.Module, decay: float):
