@@ -27,6 +27,7 @@ SUITES = {
     "kd_div": ["kd_div"],
     "bn_stats": ["bn_stat_loss", "teacher_bn_loss", "batchnorm_forward"],
     "distill_step": ["distill_step"],
+    "layers": ["max_pool_2x2", "random_translate"],
 }
 
 

@@ -80,15 +80,16 @@ def random_translate(images: torch.Tensor, max_shift: int, generator: torch.Gene
     images' device), its border pixels repeated into the uncovered edge. No host sync."""
     if max_shift == 0:
         return images
-    n, _, height, width = images.shape
+    n, channels, height, width = images.shape
     device = images.device
     padded = F.pad(images, (max_shift,) * 4, mode="replicate")
     shifts = torch.randint(0, 2 * max_shift + 1, (n, 2), generator=generator, device=device)
-    rows = (shifts[:, 0].view(n, 1) + torch.arange(height, device=device)).view(n, 1, height, 1)
-    cols = (shifts[:, 1].view(n, 1) + torch.arange(width, device=device)).view(n, 1, 1, width)
-    batch = torch.arange(n, device=device).view(n, 1, 1, 1)
-    channels = torch.arange(images.shape[1], device=device).view(1, -1, 1, 1)
-    return padded[batch, channels, rows, cols]
+    rows = shifts[:, :1] + torch.arange(height, device=device)  # (n, height)
+    cols = shifts[:, 1:] + torch.arange(width, device=device)  # (n, width)
+    # one gather of flat pixel indices: several times faster than 4-d advanced indexing
+    pixels = rows[:, :, None] * padded.shape[-1] + cols[:, None, :]
+    shifted = padded.flatten(2).gather(2, pixels.view(n, 1, -1).expand(n, channels, -1))
+    return shifted.view(n, channels, height, width)
 
 
 def train_classifier(

@@ -245,13 +245,16 @@ def test_random_translation_shifts_each_image_within_bounds():
         dy = round(offset / 100)
         dx = offset - 100 * dy
         assert abs(dy) <= shift and abs(dx) <= shift
-        inner = (slice(shift, height - shift), slice(shift, width - shift))
-        expected = torch.roll(ramp, (-dy, -dx), dims=(0, 1))[inner]
-        assert torch.equal(image[0][inner], expected)
-        assert torch.equal(image[1], image[0] + 10_000)
+        # the whole image, borders included, is a window of the edge-replicated original
+        padded = F.pad(images[:1], (shift,) * 4, mode="replicate")[0]
+        window = (slice(shift + dy, shift + dy + height), slice(shift + dx, shift + dx + width))
+        assert torch.equal(image, padded[:, window[0], window[1]])
         offsets.add((dy, dx))
     assert len(offsets) > 10  # shifts differ between images
     assert random_translate(images, 0, generator) is images
+    channels_last = images.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(random_translate(channels_last, shift, torch.Generator().manual_seed(1)),
+                       random_translate(images, shift, torch.Generator().manual_seed(1)))
 
 
 def test_an_image_folder_is_a_source(tmp_path):

@@ -7,14 +7,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dfkd_fast.models.layers import MaxPool2x2
+
 
 class LeNet5(nn.Module):
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: float = 1.0):
         super().__init__()
         c1, c2, c3, f1 = (max(1, int(round(w * width))) for w in (6, 16, 120, 84))
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, c1, 5), nn.ReLU(), nn.MaxPool2d(2),  # 32 -> 28 -> 14
-            nn.Conv2d(c1, c2, 5), nn.ReLU(), nn.MaxPool2d(2),  # 14 -> 10 -> 5
+            nn.Conv2d(in_channels, c1, 5), nn.ReLU(), MaxPool2x2(),  # 32 -> 28 -> 14
+            nn.Conv2d(c1, c2, 5), nn.ReLU(), MaxPool2x2(),  # 14 -> 10 -> 5
             nn.Conv2d(c2, c3, 5), nn.ReLU(),  # 5 -> 1
         )  # fmt: skip
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c3, f1), nn.ReLU(),

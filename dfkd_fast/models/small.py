@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dfkd_fast.models.layers import MaxPool2x2
+
 
 def small_cnn(width: int, num_classes: int = 10, in_channels: int = 1) -> nn.Sequential:
     """Three 3x3 conv-BN-ReLU layers (width, 2 width, 2 width), one 2x2 max-pool, global
@@ -21,7 +23,7 @@ def small_cnn(width: int, num_classes: int = 10, in_channels: int = 1) -> nn.Seq
         nn.Conv2d(width, 2 * width, 3, padding=1),
         nn.BatchNorm2d(2 * width),
         nn.ReLU(),
-        nn.MaxPool2d(2),
+        MaxPool2x2(),
         nn.Conv2d(2 * width, 2 * width, 3, padding=1),
         nn.BatchNorm2d(2 * width),
         nn.ReLU(),
