@@ -173,3 +173,65 @@ def test_vae_samples_decode_the_fitted_gaussian_or_the_prior(monkeypatch):
 def test_generator_refuses_shapes_it_cannot_make(image_shape):
     with pytest.raises(ValueError, match="image"):
         Generator(16, image_shape)
+
+
+def _layouts_seen_by(module: torch.nn.Module) -> list[bool]:
+    """Whether each input that reaches `module` is channels_last (recorded by a forward hook)."""
+    seen = []
+    module.register_forward_hook(
+        lambda _, inputs, __: seen.append(inputs[0].is_contiguous(memory_format=torch.channels_last)
+                                          and not inputs[0].is_contiguous()))  # fmt: skip
+    return seen
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_channels_last_generator_and_vae_decode_in_that_layout_to_the_same_images(autocast):
+    torch.manual_seed(0)
+    contiguous = Generator(16, (3, 12, 12), width=8).eval()
+    vae_contiguous = VAE((3, 12, 12), latent_dim=6, width=4).eval()
+    channels_last = Generator(16, (3, 12, 12), width=8).eval()
+    vae_channels_last = VAE((3, 12, 12), latent_dim=6, width=4).eval()
+    channels_last.load_state_dict(contiguous.state_dict())
+    vae_channels_last.load_state_dict(vae_contiguous.state_dict())
+    channels_last.to(memory_format=torch.channels_last)
+    vae_channels_last.to(memory_format=torch.channels_last)
+    # the seed a view builds follows the convolutions' layout, so no layer converts it
+    body_layouts = _layouts_seen_by(channels_last.body[1])
+    decoder_layouts = _layouts_seen_by(vae_channels_last.decoder[0])
+    contiguous_layouts = _layouts_seen_by(contiguous.body[1])
+    latent = torch.randn(7, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        pairs = [(contiguous(latent), channels_last(latent)),
+                 (vae_contiguous.decode(latent[:, :6]), vae_channels_last.decode(latent[:, :6]))]  # fmt: skip
+    assert body_layouts == [True] and decoder_layouts == [True] and contiguous_layouts == [False]
+    for expected, actual in pairs:
+        assert actual.is_contiguous(memory_format=torch.channels_last)
+        tolerance = 2e-2 if autocast else 1e-5
+        torch.testing.assert_close(actual.float(), expected.float(), atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(4, 6, 28, 28), (3, 5, 9, 7), (2, 1, 2, 3), (5, 3, 3)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_max_pool_2x2_equals_max_pool2d_with_and_without_gradients(dtype, shape, channels_last):
+    from dfkd_fast.models.layers import MaxPool2x2
+
+    torch.manual_seed(0)
+    images = (torch.randn(shape, dtype=torch.float64) * 50).round().to(dtype)  # ties included
+    images.view(-1)[::17] = float("nan")
+    images.view(-1)[5::23] = float("-inf")
+    if channels_last and images.dim() == 4:
+        images = images.contiguous(memory_format=torch.channels_last)
+    pool, reference = MaxPool2x2(), torch.nn.MaxPool2d(2)
+    with torch.no_grad():
+        fast = pool(images)
+    expected = reference(images)
+    assert fast.dtype == dtype and fast.shape == expected.shape
+    torch.testing.assert_close(fast, expected, rtol=0, atol=0, equal_nan=True)
+    if images.dim() == 4:
+        assert fast.is_contiguous(memory_format=torch.channels_last) == channels_last or shape[1] == 1
+    finite = images.nan_to_num(0.0, posinf=0.0, neginf=0.0).requires_grad_(True)
+    weights = torch.randn(expected.shape, dtype=dtype)
+    (gradient,) = torch.autograd.grad((pool(finite) * weights).sum(), finite)
+    (expected_gradient,) = torch.autograd.grad((reference(finite) * weights).sum(), finite)
+    assert torch.equal(gradient, expected_gradient)

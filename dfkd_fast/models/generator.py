@@ -26,6 +26,15 @@ def check_image_shape(image_shape) -> tuple[int, int, int]:
     return tuple(image_shape)
 
 
+def memory_format_of(conv: nn.Conv2d) -> torch.memory_format:
+    """channels_last if the convolution's weight has been moved to it, else contiguous: the
+    layout to give a seed tensor built by a view, so that the layers after it copy nothing."""
+    weight = conv.weight
+    if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 class Generator(nn.Module):
     def __init__(self, latent_dim: int, image_shape: tuple[int, int, int], width: int = 64):
         super().__init__()
@@ -53,6 +62,7 @@ class Generator(nn.Module):
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         seed = self.project(latent).view(latent.shape[0], *self.seed_shape)
+        seed = seed.contiguous(memory_format=memory_format_of(self.body[2]))
         images = self.body(seed)  # (batch, channels, 4 H', 4 W')
         _, height, width = self.image_shape
         top = (images.shape[-2] - height) // 2

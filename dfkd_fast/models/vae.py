@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfkd_fast.models.generator import check_image_shape
+from dfkd_fast.models.generator import check_image_shape, memory_format_of
 from dfkd_fast.ops.reparameterize import reparameterize, sample_prior
 
 
@@ -55,7 +55,8 @@ class VAE(nn.Module):
         return mu, logvar.clamp(-20.0, 10.0)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        out = self.decoder(self.project(latent).view(latent.shape[0], *self.seed_shape))
+        seed = self.project(latent).view(latent.shape[0], *self.seed_shape)
+        out = self.decoder(seed.contiguous(memory_format=memory_format_of(self.decoder[3])))
         _, height, width = self.image_shape
         return out[..., :height, :width]
 
