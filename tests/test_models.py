@@ -13,6 +13,7 @@ from dfkd_fast.models import (
     cifar_resnet,
     cifar_resnet18,
     cifar_resnet34,
+    lenet5,
     load_pretrained_cifar_resnet,
     strip_prefix,
 )
@@ -235,3 +236,16 @@ def test_max_pool_2x2_equals_max_pool2d_with_and_without_gradients(dtype, shape,
     (gradient,) = torch.autograd.grad((pool(finite) * weights).sum(), finite)
     (expected_gradient,) = torch.autograd.grad((reference(finite) * weights).sum(), finite)
     assert torch.equal(gradient, expected_gradient)
+
+
+def test_lenet5_compiles_in_one_graph_with_and_without_gradients():
+    torch.manual_seed(0)
+    model = lenet5().eval()
+    compiled = torch.compile(model, fullgraph=True)
+    images = torch.randn(5, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(images), model(images), rtol=1e-5, atol=1e-5)
+    inputs = images.clone().requires_grad_(True)
+    (gradient,) = torch.autograd.grad(compiled(inputs).square().sum(), inputs)
+    (expected,) = torch.autograd.grad(model(inputs).square().sum(), inputs)
+    torch.testing.assert_close(gradient, expected, rtol=1e-5, atol=1e-5)
