@@ -14,6 +14,7 @@ from pathlib import Path
 
 from dfkd_fast.data import DATASETS, load_dataset, load_digits
 from dfkd_fast.distill import METHODS, PRESETS, DistillConfig, distill, preset_config
+from dfkd_fast.host_memory import retain_freed_host_memory
 from dfkd_fast.models import CLASSIFIERS, build_classifier
 from dfkd_fast.models.cifar import PRETRAINED_MEAN, PRETRAINED_STD
 from dfkd_fast.training import (
@@ -202,6 +203,7 @@ def distill_command(arguments: dict) -> int:
 def main(argv: list[str] | None = None) -> int:
     arguments = vars(_parser().parse_args(argv))
     command = arguments.pop("command")
+    retain_freed_host_memory()
     run = distill_command if command == "distill" else train_teacher_command
     try:
         return run(arguments)

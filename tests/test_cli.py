@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dfkd_fast import cli
 from dfkd_fast.cli import main
 from dfkd_fast.io import load_checkpoint
 from dfkd_fast.training import load_classifier
@@ -97,6 +98,14 @@ def test_cli_errors_are_messages(tmp_path, capsys):
     assert "steps must be >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["distill", "--method", "dfad"])
+
+
+def test_cli_keeps_freed_host_memory_before_any_command(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli, "retain_freed_host_memory", lambda: calls.append("retained"))
+    assert main(["distill", "--steps", "0", "--output-dir", str(tmp_path / "x")]) == 2
+    assert main(["train-teacher", "--dataset", "mnist", "--arch", "lenet5"]) == 2
+    assert calls == ["retained", "retained"]
 
 
 def test_module_entry_point_prints_help():
