@@ -7,6 +7,7 @@ initialises no CUDA context and compiles nothing.
 from dfkd_fast._extension import extension_loaded, extension_status
 from dfkd_fast.backend import Backend, Implementation, choose_implementation, use_backend
 from dfkd_fast.hooks import BNStatHooks
+from dfkd_fast.host_memory import retain_freed_host_memory
 from dfkd_fast.nn import JSDivLoss, KDLoss
 from dfkd_fast.ops import (
     batch_norm_with_stat_loss,
@@ -39,6 +40,7 @@ __all__ = [
     "KDLoss",
     "reparameterize",
     "reparameterize_reference",
+    "retain_freed_host_memory",
     "sample_prior",
     "use_backend",
 ]
