@@ -16,9 +16,7 @@ import torch
 
 import dfkd_fast
 from dfkd_fast.distill import preset_config
-from dfkd_fast.distill.engine import Run
-from dfkd_fast.models import build_classifier
-from harness import describe, synchronize
+from harness import describe, random_networks_run, synchronize
 
 # name -> (teacher, student, image shape, preset, batch size on CPU, on CUDA)
 WORKLOADS = {
@@ -33,14 +31,10 @@ WORKLOADS = {
 def test_pre_dfkd_step(benchmark, device, implementation, precision, workload):
     teacher_arch, student_arch, image_shape, preset, cpu_batch, cuda_batch = WORKLOADS[workload]
     batch_size = cpu_batch if device == "cpu" else cuda_batch
-    torch.manual_seed(0)
-    teacher = build_classifier(teacher_arch, 10, image_shape[0])
-    student = build_classifier(student_arch, 10, image_shape[0])
     mixed = precision == "bfloat16"
     config = preset_config(preset, method="pre-dfkd", batch_size=batch_size, student_steps=2,
                            replay_start=0.0, device=device, amp=mixed, cpu_amp=mixed)  # fmt: skip
-    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in teacher.modules())
-    run = Run(teacher, student, config, image_shape, bn_layers=has_bn)
+    run = random_networks_run(config, teacher_arch, student_arch, image_shape)
     backend = "reference" if implementation == "reference" else "auto"
 
     def step():
@@ -62,13 +56,10 @@ def test_vae_update(benchmark, device, precision, memory_format):
     """pre-dfkd's VAE update alone (the `mnist` preset's VAE and batch, half of it rehearsed), by
     precision and memory format: the part of the step that the autocast and channels_last reach
     since the VAE runs under them."""
-    torch.manual_seed(0)
     mixed = precision == "bfloat16"
     config = preset_config("mnist", method="pre-dfkd", device=device, amp=mixed, cpu_amp=mixed,
                            channels_last=memory_format == "channels_last")  # fmt: skip
-    teacher = build_classifier("lenet5", 10, 1)
-    student = build_classifier("lenet5_half", 10, 1)
-    run = Run(teacher, student, config, (1, 32, 32), bn_layers=False)
+    run = random_networks_run(config)
     images = torch.randn(config.batch_size, 1, 32, 32, device=device, generator=run.rng)
     with torch.no_grad():
         teacher_logits = run.teacher(images)

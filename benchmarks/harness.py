@@ -6,6 +6,9 @@ import platform
 
 import torch
 
+from dfkd_fast.distill.engine import Run
+from dfkd_fast.models import build_classifier
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -61,3 +64,14 @@ def describe(benchmark, device: str, **info) -> None:
         torch=torch.__version__,
         **info,
     )
+
+
+def random_networks_run(config, teacher_arch: str = "lenet5", student_arch: str = "lenet5_half",
+                        image_shape=(1, 32, 32)) -> Run:  # fmt: skip
+    """A distillation run of randomly initialised networks (seed 0): a step costs what it costs
+    with a trained teacher, and no file is needed."""
+    torch.manual_seed(0)
+    teacher = build_classifier(teacher_arch, 10, image_shape[0])
+    student = build_classifier(student_arch, 10, image_shape[0])
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in teacher.modules())
+    return Run(teacher, student, config, image_shape, bn_layers=has_bn)

@@ -19,22 +19,17 @@ from pathlib import Path
 
 import torch
 
-from harness import device_name
+from dfkd_fast.distill import preset_config
+from dfkd_fast.host_memory import retain_freed_host_memory
+from harness import device_name, random_networks_run
 
 SETTINGS = ("glibc defaults", "retained")
 
 
 def measure_step(preset: str, method: str, retain: bool, warmup: int, steps: int) -> dict:
-    from dfkd_fast.distill import preset_config
-    from dfkd_fast.distill.engine import Run
-    from dfkd_fast.host_memory import retain_freed_host_memory
-    from dfkd_fast.models import build_classifier
-
     applied = retain_freed_host_memory() if retain else False
-    torch.manual_seed(0)
-    config = preset_config(preset, method=method)
-    run = Run(build_classifier("lenet5", 10, 1), build_classifier("lenet5_half", 10, 1), config,
-              (1, 32, 32), bn_layers=False)  # fmt: skip
+    run = random_networks_run(preset_config(preset, method=method))
+    config = run.config
     first = config.first_replay_step  # replay on, as in 90% of a run
     for step in range(first, first + warmup):
         run.step_function(run, step)

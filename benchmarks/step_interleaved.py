@@ -21,20 +21,16 @@ import torch
 
 import dfkd_fast
 from dfkd_fast.distill import preset_config
-from dfkd_fast.distill.engine import Run
-from dfkd_fast.models import build_classifier
-from harness import device_name
+from harness import device_name, random_networks_run
 
 IMPLEMENTATIONS = {"dfkd_fast": "auto", "reference": "reference"}
 
 
 def measure(precision: str, blocks: int, steps_per_block: int) -> dict:
     mixed = precision == "bfloat16"
-    torch.manual_seed(0)
     config = preset_config("mnist", method="pre-dfkd", student_steps=2, replay_start=0.0,
                            amp=mixed, cpu_amp=mixed)  # fmt: skip
-    run = Run(build_classifier("lenet5", 10, 1), build_classifier("lenet5_half", 10, 1), config,
-              (1, 32, 32), bn_layers=False)  # fmt: skip
+    run = random_networks_run(config)
     for _ in range(3):
         run.step_function(run, config.steps)
     seconds = {name: [] for name in IMPLEMENTATIONS}

@@ -24,6 +24,10 @@ _M_TRIM_THRESHOLD = -1  # mallopt parameter numbers, from glibc's malloc.h
 _M_MMAP_THRESHOLD = -3
 
 
+def has_glibc_malloc() -> bool:
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def retain_freed_host_memory(mmap_threshold: int = MMAP_THRESHOLD,
                              trim_threshold: int = TRIM_THRESHOLD) -> bool:  # fmt: skip
     """Makes glibc's malloc serve blocks of up to `mmap_threshold` bytes from its heap and keep
@@ -36,7 +40,7 @@ def retain_freed_host_memory(mmap_threshold: int = MMAP_THRESHOLD,
             raise TypeError(f"{name} must be an int, got {value!r}")
         if not 0 <= value <= largest:
             raise ValueError(f"{name} must be in [0, {largest}], got {value}")
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not has_glibc_malloc():
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     if libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) != 1:

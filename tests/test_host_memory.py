@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import platform
 import subprocess
 import sys
 
 import pytest
 
-from dfkd_fast.host_memory import MMAP_THRESHOLD, retain_freed_host_memory
+from dfkd_fast.host_memory import MMAP_THRESHOLD, has_glibc_malloc, retain_freed_host_memory
 
-GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+GLIBC = has_glibc_malloc()
 
 # Holds eight 4 MiB tensors at once and frees them, as a training step's activations come and
 # go, and prints the minor page faults that 50 rounds took after 5 rounds of warm-up (in which
