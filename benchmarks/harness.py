@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import platform
+import statistics
+import time
 
 import torch
 
@@ -75,3 +77,20 @@ def random_networks_run(config, teacher_arch: str = "lenet5", student_arch: str 
     student = build_classifier(student_arch, 10, image_shape[0])
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in teacher.modules())
     return Run(teacher, student, config, image_shape, bn_layers=has_bn)
+
+
+def interleaved_step_medians(steppers: dict, blocks: int, steps_per_block: int) -> dict:
+    """Median milliseconds of each of `steppers` (name -> a function that runs one step), the
+    steppers taking turns in blocks, the order reversed every other block, so that a machine that
+    speeds up or slows down during the measurement affects all of them alike. The first step of
+    each block is not timed."""
+    seconds = {name: [] for name in steppers}
+    for block in range(blocks):
+        order = list(steppers) if block % 2 == 0 else list(reversed(steppers))
+        for name in order:
+            steppers[name]()
+            for _ in range(steps_per_block):
+                start = time.perf_counter()
+                steppers[name]()
+                seconds[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(values) for name, values in seconds.items()}

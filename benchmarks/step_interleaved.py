@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
 import dfkd_fast
 from dfkd_fast.distill import preset_config
-from harness import device_name, random_networks_run
+from harness import device_name, interleaved_step_medians, random_networks_run
 
 IMPLEMENTATIONS = {"dfkd_fast": "auto", "reference": "reference"}
 
@@ -33,20 +31,20 @@ def measure(precision: str, blocks: int, steps_per_block: int) -> dict:
     run = random_networks_run(config)
     for _ in range(3):
         run.step_function(run, config.steps)
-    seconds = {name: [] for name in IMPLEMENTATIONS}
-    for block in range(blocks):
-        order = list(IMPLEMENTATIONS) if block % 2 == 0 else list(reversed(IMPLEMENTATIONS))
-        for name in order:
-            with dfkd_fast.use_backend(IMPLEMENTATIONS[name]):
-                run.step_function(run, config.steps)  # the first step after a switch is not timed
-                for _ in range(steps_per_block):
-                    start = time.perf_counter()
-                    run.step_function(run, config.steps)
-                    seconds[name].append(time.perf_counter() - start)
-    medians = {name: 1e3 * statistics.median(values) for name, values in seconds.items()}
+
+    def stepper(backend: str):
+        def step():
+            with dfkd_fast.use_backend(backend):
+                run.step_function(run, config.steps)
+
+        return step
+
+    medians = interleaved_step_medians(
+        {name: stepper(backend) for name, backend in IMPLEMENTATIONS.items()}, blocks, steps_per_block
+    )
     return {"precision": precision, "median_ms": medians,
             "speedup": medians["reference"] / medians["dfkd_fast"],
-            "steps_timed": {name: len(values) for name, values in seconds.items()}}  # fmt: skip
+            "steps_timed": {name: blocks * steps_per_block for name in IMPLEMENTATIONS}}  # fmt: skip
 
 
 def main() -> None:

@@ -1,0 +1,72 @@
+"""The pre-dfkd step of the `mnist` preset under other values of one config field, the variants
+taking turns in blocks within one process (see step_interleaved.py for why). Each variant is a
+separate run of randomly initialised networks with replay from the first step, so every timed
+step is a full one: generator update, VAE update, 5 student updates. Run:
+
+    python benchmarks/step_configs.py --field vae_batch_size --values 128 64 \
+        --json benchmarks/results/step-vae-batch-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from dfkd_fast.distill import DistillConfig, preset_config
+from dfkd_fast.host_memory import retain_freed_host_memory
+from harness import device_name, interleaved_step_medians, random_networks_run
+
+
+def field_value(field: str, text: str):
+    """`text` converted to the type of DistillConfig's `field` (as the CLI converts it)."""
+    types = {f.name: f.type for f in dataclasses.fields(DistillConfig)}
+    if field not in types:
+        raise ValueError(f"--field must name a DistillConfig field, got {field!r}")
+    kind = {"int": int, "float": float, "bool": lambda v: v.lower() in ("1", "true", "yes")}
+    return kind.get(str(types[field]), str)(text)
+
+
+def measure(field: str, values: list, blocks: int, steps_per_block: int) -> dict:
+    steppers = {}
+    for value in values:
+        config = preset_config("mnist", method="pre-dfkd", replay_start=0.0, **{field: value})
+        run = random_networks_run(config)
+        for _ in range(3):
+            run.step_function(run, config.steps)
+        steppers[str(value)] = lambda run=run: run.step_function(run, run.config.steps)
+    medians = interleaved_step_medians(steppers, blocks, steps_per_block)
+    baseline = medians[str(values[0])]
+    return {"field": field, "median_ms": medians,
+            "speedup_over_first": {name: baseline / ms for name, ms in medians.items()},
+            "steps_timed_each": blocks * steps_per_block}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--field", required=True, help="a DistillConfig field, e.g. vae_batch_size")
+    parser.add_argument("--values", nargs="+", required=True, help="the first is the baseline")
+    parser.add_argument("--blocks", type=int, default=10)
+    parser.add_argument("--steps-per-block", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    arguments = parser.parse_args()
+    if len(arguments.values) < 2:
+        parser.error("--values needs at least two values to compare")
+    retain_freed_host_memory()  # as the CLI does
+    values = [field_value(arguments.field, text) for text in arguments.values]
+    result = measure(arguments.field, values, arguments.blocks, arguments.steps_per_block)
+    for name, ms in result["median_ms"].items():
+        print(f"{arguments.field}={name}: {ms:.1f} ms per step, "
+              f"{result['speedup_over_first'][name]:.3f}x the first")  # fmt: skip
+    if arguments.json:
+        report = {"device": device_name("cpu"), "torch": torch.__version__,
+                  "workload": "mnist preset, pre-dfkd, lenet5 -> lenet5_half, batch 256",
+                  **result}  # fmt: skip
+        arguments.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
