@@ -22,12 +22,13 @@ from harness import device_name, interleaved_step_medians, random_networks_run
 
 
 def field_value(field: str, text: str):
-    """`text` converted to the type of DistillConfig's `field` (as the CLI converts it)."""
-    types = {f.name: f.type for f in dataclasses.fields(DistillConfig)}
-    if field not in types:
+    """`text` converted to the type of DistillConfig's `field`, the type of its default (as the
+    CLI converts it); a bool from 1/true/yes or anything else."""
+    defaults = {f.name: f.default for f in dataclasses.fields(DistillConfig)}
+    if field not in defaults:
         raise ValueError(f"--field must name a DistillConfig field, got {field!r}")
-    kind = {"int": int, "float": float, "bool": lambda v: v.lower() in ("1", "true", "yes")}
-    return kind.get(str(types[field]), str)(text)
+    kind = type(defaults[field])
+    return text.lower() in ("1", "true", "yes") if kind is bool else kind(text)
 
 
 def measure(field: str, values: list, blocks: int, steps_per_block: int) -> dict:

@@ -39,9 +39,8 @@ def measure(precision: str, blocks: int, steps_per_block: int) -> dict:
 
         return step
 
-    medians = interleaved_step_medians(
-        {name: stepper(backend) for name, backend in IMPLEMENTATIONS.items()}, blocks, steps_per_block
-    )
+    steppers = {name: stepper(backend) for name, backend in IMPLEMENTATIONS.items()}
+    medians = interleaved_step_medians(steppers, blocks, steps_per_block)
     return {"precision": precision, "median_ms": medians,
             "speedup": medians["reference"] / medians["dfkd_fast"],
             "steps_timed": {name: blocks * steps_per_block for name in IMPLEMENTATIONS}}  # fmt: skip
