@@ -361,12 +361,59 @@ def test_a_cuda_step_makes_no_device_sync(method):
 def test_student_steps_leave_generator_and_teacher_without_gradients():
     teacher, student = networks()
     run_state = engine.Run(teacher, student, DistillConfig(**TINY), IMAGE_SHAPE, bn_layers=True)
-    from dfkd_fast.distill.steps import student_step
+    from dfkd_fast.distill.steps import student_updates
 
-    student_step(run_state, replay_count=0)
+    student_updates(run_state, replay_count=0)
     assert all(p.grad is None for p in run_state.generator.parameters())
     assert all(p.grad is None for p in run_state.teacher.parameters())
     assert all(p.grad is not None for p in run_state.student.parameters())
+
+
+@pytest.mark.parametrize("replay_count", [0, 5])
+def test_student_batches_are_fresh_samples_then_replay_with_the_teachers_logits(replay_count):
+    """A step's student batches come from generator forwards and replay draws of up to a batch
+    each: batch i holds the i-th slice of fresh samples, then the i-th slice of replayed ones."""
+    from dfkd_fast.distill.steps import chunk_sizes, student_batches
+    from dfkd_fast.ops.reparameterize import sample_prior
+
+    teacher, student = networks()
+    config = DistillConfig(**{**TINY, "student_steps": 3}, method="memory-bank")
+    run_state = engine.Run(teacher, student, config, IMAGE_SHAPE, bn_layers=True)
+    stored = torch.arange(24.0).view(24, 1, 1, 1).expand(24, *IMAGE_SHAPE)
+    run_state.replay.update(stored, None, teacher, run_state.replay_rng)
+    rng_state = run_state.rng.get_state()
+    images, teacher_logits = student_batches(run_state, replay_count)
+    assert images.shape == (3, 16, *IMAGE_SHAPE) and teacher_logits.shape == (3, 16, 10)
+    run_state.rng.set_state(rng_state)
+    chunks = chunk_sizes(3 * (16 - replay_count), 16)
+    assert chunks == ([16, 16, 16] if replay_count == 0 else [11, 11, 11])
+    with torch.no_grad():
+        fresh = torch.cat([run_state.generator(sample_prior(count, TINY["latent_dim"],
+                                                            generator=run_state.rng))
+                           for count in chunks])  # fmt: skip
+    torch.testing.assert_close(images[:, : 16 - replay_count].flatten(0, 1), fresh)
+    replayed = images[:, 16 - replay_count :]
+    # each replayed image is one of the stored ones (constant images 0, 1, ..., 23)
+    assert torch.equal(replayed, replayed[..., :1, :1].expand_as(replayed))
+    assert set(replayed[..., 0, 0].flatten().tolist()) <= set(range(24))
+    with torch.no_grad():
+        expected_logits = teacher(images.flatten(0, 1)).view(3, 16, 10)
+    torch.testing.assert_close(teacher_logits, expected_logits)
+
+
+def test_chunk_sizes_split_evenly_into_as_few_parts_as_fit():
+    from dfkd_fast.distill.steps import chunk_sizes
+
+    assert chunk_sizes(640, 256) == [214, 213, 213]
+    assert chunk_sizes(1280, 256) == [256] * 5
+    assert chunk_sizes(7, 256) == [7]
+    assert chunk_sizes(257, 256) == [129, 128]
+
+
+def test_a_replay_fraction_that_leaves_no_fresh_sample_is_refused():
+    with pytest.raises(ValueError, match="at least one must be a fresh generator sample"):
+        DistillConfig(method="pre-dfkd", batch_size=16, replay_fraction=0.99)
+    assert DistillConfig(method="adversarial", batch_size=16, replay_fraction=0.99)
 
 
 def test_memory_bank_keeps_the_newest_images_and_samples_only_stored_ones():
@@ -447,15 +494,16 @@ def test_config_round_trips_and_presets_apply():
 
 
 def test_student_gradient_clipping_bounds_the_update():
-    from dfkd_fast.distill.steps import student_step
+    from dfkd_fast.distill.steps import student_updates
 
     changes = {}
     for clip in (0.0, 1e-3):
         teacher, student = networks()
-        config = DistillConfig(**TINY, student_grad_clip=clip, student_weight_decay=0.0)
+        config = DistillConfig(**{**TINY, "student_steps": 1}, student_grad_clip=clip,
+                               student_weight_decay=0.0)  # fmt: skip
         run_state = engine.Run(teacher, student, config, IMAGE_SHAPE, bn_layers=True)
         before = [p.detach().clone() for p in run_state.student.parameters()]
-        student_step(run_state, replay_count=0)
+        student_updates(run_state, replay_count=0)
         changes[clip] = torch.sqrt(sum(((p - b) ** 2).sum() for p, b in
                                        zip(run_state.student.parameters(), before)))  # fmt: skip
     # SGD's first step moves the weights by lr * gradient: at most lr * clip when clipped

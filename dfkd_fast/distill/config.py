@@ -144,6 +144,11 @@ class DistillConfig:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be >= 2 (batch statistics), got {self.batch_size}")
+        if self.uses_replay and self.replay_batch_size >= self.batch_size:
+            raise ValueError(
+                f"replay_fraction={self.replay_fraction} replays all {self.batch_size} images of "
+                "a student batch: at least one must be a fresh generator sample"
+            )
 
     @property
     def data_free(self) -> bool:
