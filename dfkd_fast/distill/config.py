@@ -199,7 +199,7 @@ PRESETS: dict[str, dict] = {
     # (each about halves the generator's time) and a VAE that learns 64 of each step's synthetic
     # images (a step 1.09x faster than with 128, as accurate); soft student targets (T = 2) with
     # the disagreement kept sharp (T = 1), student batches shifted by up to 2 pixels, clipped
-    # updates at half the default rate (higher from step 300 on, 0.5-0.7 points over the run),
+    # updates at half the default rate (higher from step 300 on, 0.3-0.7 points over the run),
     # and the weight average, which smooths the student's mid-run accuracy
     "mnist": dict(steps=3200, channels_last=True, cpu_amp=True, student_ema=0.995, max_shift=2,
                   temperature=2.0, disagreement_temperature=1.0, student_grad_clip=2.0,
