@@ -1,7 +1,6 @@
 """The shared Triton helpers, under the interpreter without a GPU (compiled on one)."""
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: see dfkd_fast/ops/kd_div_triton.py.
 import pytest
 import torch
 

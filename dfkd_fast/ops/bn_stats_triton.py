@@ -16,7 +16,9 @@ Backward, one elementwise pass:
 with a zero norm contributing nothing.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: Triton 3.0's interpreter recognises a constexpr
+# parameter only by its evaluated annotation, not by the string "tl.constexpr".
+from typing import Optional
 
 import torch
 import triton
@@ -216,14 +218,14 @@ def _target_programs(device: torch.device) -> int:
 
 def forward(
     x3: torch.Tensor,  # (N, C, S), any strides
-    running_mean: torch.Tensor | None,  # (C,) float32: also compute the loss
-    running_var: torch.Tensor | None,
-    ema_mean: torch.Tensor | None,  # (C,) float32: blend before the loss
-    ema_var: torch.Tensor | None,
+    running_mean: Optional[torch.Tensor],  # (C,) float32: also compute the loss
+    running_var: Optional[torch.Tensor],
+    ema_mean: Optional[torch.Tensor],  # (C,) float32: blend before the loss
+    ema_var: Optional[torch.Tensor],
     momentum: float,
-    scale: torch.Tensor | None,  # (C,) float32: also write y = x * scale + shift into y3
-    shift: torch.Tensor | None,
-    y3: torch.Tensor | None,
+    scale: Optional[torch.Tensor],  # (C,) float32: also write y = x * scale + shift into y3
+    shift: Optional[torch.Tensor],
+    y3: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, mean, var, norms); loss and norms are empty without running statistics."""
     N, C, S = x3.shape
@@ -265,16 +267,16 @@ def backward(
     mean: torch.Tensor,
     var: torch.Tensor,
     norms: torch.Tensor,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    ema_mean: torch.Tensor | None,
-    ema_var: torch.Tensor | None,
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    ema_mean: Optional[torch.Tensor],
+    ema_var: Optional[torch.Tensor],
     momentum: float,
-    scale: torch.Tensor | None,
-    grad_loss: torch.Tensor | None,
-    grad_mean: torch.Tensor | None,
-    grad_var: torch.Tensor | None,
-    grad_y3: torch.Tensor | None,
+    scale: Optional[torch.Tensor],
+    grad_loss: Optional[torch.Tensor],
+    grad_mean: Optional[torch.Tensor],
+    grad_var: Optional[torch.Tensor],
+    grad_y3: Optional[torch.Tensor],
     grad_x3: torch.Tensor,  # (N, C, S) output
 ) -> None:
     N, C, S = x3.shape

@@ -19,7 +19,9 @@ and the KL teacher gradient p_t (log p_t - log p_s - KL) is evaluated as p_t (d 
 in which the large common terms cancel exactly (it is exactly 0 for one-hot rows).
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: Triton 3.0's interpreter recognises a constexpr
+# parameter only by its evaluated annotation, not by the string "tl.constexpr".
+from typing import Optional
 
 import torch
 import triton
@@ -268,7 +270,7 @@ def reduction_scale(reduction: str, n_rows: int, n_cols: int) -> float:
 def forward(
     student: torch.Tensor,  # (rows, C), any strides
     teacher: torch.Tensor,
-    weight: torch.Tensor | None,  # (rows,) float32, contiguous
+    weight: Optional[torch.Tensor],  # (rows,) float32, contiguous
     temperature: float,
     reduction: str,
     js: bool,
@@ -304,7 +306,7 @@ def backward(
     grad_loss: torch.Tensor,
     student: torch.Tensor,
     teacher: torch.Tensor,
-    weight: torch.Tensor | None,
+    weight: Optional[torch.Tensor],
     stats: torch.Tensor,
     temperature: float,
     reduction: str,
