@@ -4,6 +4,9 @@
 import pytest
 import torch
 
+import dfkd_fast
+from dfkd_fast.ops._triton import interpreter_problem
+
 from .paths import CUDA_AVAILABLE, INTERPRETER
 
 pytestmark = pytest.mark.skipif(
@@ -47,3 +50,28 @@ def test_round_to_bfloat16_is_round_to_nearest_even_with_the_low_bits_cleared():
 def test_round_to_bfloat16_keeps_nan():
     rounded = _rounded_by_kernel(torch.tensor([float("nan"), 1.0]))
     assert torch.isnan(rounded[0]) and rounded[1] == 1.0
+
+
+@pytest.mark.parametrize(
+    "triton_version, numpy_version, refused",
+    [("3.0.0", "2.1.3", True), ("3.1.0", "2.0.0", True), ("3.1.0", "1.26.4", False),
+     ("3.2.0", "2.4.6", False), ("3.6.0+git1234", "2.0.0rc1", False), ("4.0.0", "3.0.0", False)],
+)  # fmt: skip
+def test_interpreter_versions_that_write_nothing_are_named(triton_version, numpy_version, refused):
+    problem = interpreter_problem(triton_version, numpy_version)
+    assert (problem is not None) == refused
+    if refused:
+        assert triton_version in problem and numpy_version in problem and "numpy<2" in problem
+
+
+@pytest.mark.skipif(not INTERPRETER, reason="the refusal concerns Triton's interpreter")
+def test_an_op_refuses_an_interpreter_that_would_write_nothing(monkeypatch):
+    import numpy
+
+    monkeypatch.setattr(triton, "__version__", "3.1.0")
+    monkeypatch.setattr(numpy, "__version__", "2.0.0")
+    logits = torch.randn(4, 5)
+    with pytest.raises(RuntimeError, match=r"dfkd_fast.kd_div: Triton 3.1.0's interpreter"):
+        dfkd_fast.kd_div(logits, logits.flip(0), 2.0)
+    monkeypatch.setattr(numpy, "__version__", "1.26.4")
+    assert torch.isfinite(dfkd_fast.kd_div(logits, logits.flip(0), 2.0))
