@@ -12,5 +12,5 @@ dfkd-fast distill --teacher "$shared/models/cifar10-resnet/resnet56-4bfd9763.th"
     --teacher-arch resnet56 --dataset cifar10 --student-arch resnet20 \
     --test-data "$shared/data/cifar10-exact-subset" --method pre-dfkd \
     --output-dir "$output" --resume "$@"
-python3 benchmarks/compare_runs.py "$output" --json "benchmarks/results/distill-cifar10-${RESULT_TAG:-cpu}.json" \
+dfkd-fast compare "$output" --json "benchmarks/results/distill-cifar10-${RESULT_TAG:-cpu}.json" \
     --plot "docs/img/cifar10-accuracy-${RESULT_TAG:-cpu}.png" --title "CIFAR-10, ResNet-56 -> ResNet-20, data-free (pre-dfkd)"

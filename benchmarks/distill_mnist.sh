@@ -10,6 +10,6 @@ for method in ${METHODS:-adversarial pre-dfkd memory-bank}; do
     dfkd-fast distill --teacher "$teacher" --test-data "$data" --method "$method" \
         --output-dir "runs/mnist-$method" --resume "$@"
 done
-python3 benchmarks/compare_runs.py runs/mnist-adversarial runs/mnist-pre-dfkd runs/mnist-memory-bank \
+dfkd-fast compare runs/mnist-adversarial runs/mnist-pre-dfkd runs/mnist-memory-bank \
     --json benchmarks/results/distill-mnist-cpu.json --plot docs/img/mnist-accuracy.png \
     --title "MNIST, LeNet-5 -> LeNet-5-half, data-free"

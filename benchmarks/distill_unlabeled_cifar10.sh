@@ -29,7 +29,7 @@ for policy in ${POLICIES:-uniform related}; do
         --test-data "$data/cifar10-exact-subset" --method unlabeled "${collection[@]}" \
         --policy "$sampling" --output-dir "$output" --resume "$@"
 done
-python3 benchmarks/compare_runs.py "${runs[@]}" \
+dfkd-fast compare "${runs[@]}" \
     --json "benchmarks/results/distill-unlabeled-cifar10-$tag.json" \
     --plot "docs/img/cifar10-unlabeled-accuracy-$tag.png" \
     --title "CIFAR-10 teacher, unlabeled collection: uniform vs related sampling"

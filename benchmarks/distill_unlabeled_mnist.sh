@@ -22,6 +22,6 @@ run related "${collection[@]}" --policy proportional "$@"
 # evaluated every 25 steps: the first step at 95% is what the two policies are compared on
 run hidden-uniform "${collection[@]}" "${hidden[@]}" --policy uniform --eval-every 25 "$@"
 run hidden-related "${collection[@]}" "${hidden[@]}" --policy proportional --eval-every 25 "$@"
-python3 benchmarks/compare_runs.py runs/mnist-unlabeled-{uniform,related,hidden-uniform,hidden-related} \
+dfkd-fast compare runs/mnist-unlabeled-{uniform,related,hidden-uniform,hidden-related} \
     --json benchmarks/results/distill-unlabeled-mnist-cpu.json --plot docs/img/mnist-unlabeled-accuracy.png \
     --title "MNIST teacher, unlabeled collection: uniform vs related sampling"

@@ -23,6 +23,16 @@ from dfkd_fast.ops import (
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    """``dfkd_fast.distill`` (callable: ``dfkd_fast.distill(teacher, student, config)``) is
+    imported on first use, so that ``import dfkd_fast`` stays cheap."""
+    if name == "distill":
+        import dfkd_fast.distill
+
+        return dfkd_fast.distill
+    raise AttributeError(f"module 'dfkd_fast' has no attribute {name!r}")
+
 __all__ = [
     "BNStatHooks",
     "Backend",
@@ -31,6 +41,7 @@ __all__ = [
     "bn_stats",
     "Implementation",
     "choose_implementation",
+    "distill",
     "extension_loaded",
     "extension_status",
     "js_div",

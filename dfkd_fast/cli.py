@@ -3,6 +3,7 @@
     dfkd-fast distill                        # the embedded default: a digits teacher, pre-dfkd
     dfkd-fast distill --teacher T.pt --test-data DIR --method adversarial
     dfkd-fast train-teacher --dataset mnist --data-dir DIR --arch lenet5
+    dfkd-fast compare runs/mnist-pre-dfkd runs/mnist-adversarial --plot accuracy.png
 """
 
 from __future__ import annotations
@@ -13,7 +14,14 @@ import sys
 from pathlib import Path
 
 from dfkd_fast.data import DATASETS, load_dataset, load_digits
-from dfkd_fast.distill import METHODS, PRESETS, DistillConfig, distill, preset_config
+from dfkd_fast.distill import (
+    METHODS,
+    PRESETS,
+    DistillConfig,
+    compare_runs,
+    distill,
+    preset_config,
+)
 from dfkd_fast.host_memory import retain_freed_host_memory
 from dfkd_fast.models import CLASSIFIERS, build_classifier
 from dfkd_fast.models.cifar import PRETRAINED_MEAN, PRETRAINED_STD
@@ -105,6 +113,21 @@ def _parser() -> argparse.ArgumentParser:
     teach.add_argument("--arch", choices=list(CLASSIFIERS), required=True)
     teach.add_argument("--output", type=Path, help="default: teachers/<dataset>-<arch>.pt")
     _config_arguments(teach, TrainConfig)
+
+    compare = commands.add_parser(
+        "compare", help="put finished runs side by side",
+        description="Reads the metrics.json of each run folder and prints one Markdown table: "
+        "final, best and mean test accuracy, variance, final minus best, first step at 95%%, "
+        "replay memory, wall time, student images per second. Unfinished runs are left out "
+        "unless --include-unfinished.",
+    )  # fmt: skip
+    compare.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="a run's output folder")
+    compare.add_argument("--json", type=Path, help="also write the runs' metrics and this "
+                         "machine's description here")  # fmt: skip
+    compare.add_argument("--plot", type=Path, help="also draw the accuracy curves here (PNG)")
+    compare.add_argument("--title", default="student accuracy", help="the plot's title")
+    compare.add_argument("--include-unfinished", action="store_true",
+                         help="compare unfinished runs too, labelled with the step reached")
     return parser
 
 
@@ -200,11 +223,32 @@ def distill_command(arguments: dict) -> int:
     return 0
 
 
+def compare_command(arguments: dict) -> int:
+    comparison = compare_runs(arguments["runs"], arguments["include_unfinished"])
+    for folder, why in comparison.left_out.items():
+        print(f"{folder}: left out, {why}", file=sys.stderr)
+    if not comparison.runs:
+        raise UsageError("no finished run to compare (--include-unfinished compares the others)")
+    print(comparison.markdown())
+    if arguments["json"]:
+        comparison.write_json(arguments["json"])
+        print(f"metrics: {arguments['json']}")
+    if arguments["plot"]:
+        if not comparison.plot(arguments["plot"], arguments["title"]):
+            raise UsageError("--plot needs matplotlib (pip install matplotlib)")
+        print(f"plot: {arguments['plot']}")
+    return 0
+
+
+COMMANDS = {"distill": distill_command, "train-teacher": train_teacher_command,
+            "compare": compare_command}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     arguments = vars(_parser().parse_args(argv))
     command = arguments.pop("command")
     retain_freed_host_memory()
-    run = distill_command if command == "distill" else train_teacher_command
+    run = COMMANDS[command]
     try:
         return run(arguments)
     except (ValueError, FileNotFoundError) as error:

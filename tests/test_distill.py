@@ -105,6 +105,21 @@ def test_each_method_trains_the_student_and_writes_its_report(tmp_path, method):
     assert same_weights(reloaded, result.student)
 
 
+def test_the_package_itself_is_the_entry_point_the_api_names():
+    """``dfkd_fast.distill(teacher, student, config)`` is ``dfkd_fast.distill.distill``."""
+    import dfkd_fast
+
+    config = DistillConfig(method="pre-dfkd", **TINY)
+    results = []
+    for entry_point in (dfkd_fast.distill, distill):
+        teacher, student = networks()
+        results.append(entry_point(teacher, student, config, IMAGE_SHAPE, progress=False))
+    assert same_weights(results[0].student, results[1].student)
+    assert results[0].metrics["step"] == 4
+    with pytest.raises(TypeError, match="config must be a DistillConfig"):
+        dfkd_fast.distill(*networks(), {"steps": 4})
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_a_run_is_reproducible_under_its_seed(tmp_path, method):
     first = run(tmp_path, method, "first")

@@ -25,6 +25,22 @@ def test_import_initialises_no_cuda_and_compiles_nothing():
     subprocess.run([sys.executable, "-c", probe], check=True)
 
 
+def test_dfkd_fast_distill_is_imported_on_first_use_and_callable():
+    probe = (
+        "import sys, dfkd_fast\n"
+        "assert 'dfkd_fast.distill' not in sys.modules, 'imported with the package'\n"
+        "assert callable(dfkd_fast.distill) and 'distill' in dfkd_fast.__all__\n"
+        "assert dfkd_fast.distill.DistillConfig().method == 'pre-dfkd'\n"
+        "try:\n"
+        "    dfkd_fast.no_such_thing\n"
+        "except AttributeError as error:\n"
+        "    assert 'no_such_thing' in str(error)\n"
+        "else:\n"
+        "    raise AssertionError('no AttributeError')\n"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True)
+
+
 def test_compiled_extension_is_loaded():
     assert dfkd_fast.extension_loaded(), dfkd_fast.extension_status()
     assert hasattr(torch.ops.dfkd_fast, "reparameterize")
