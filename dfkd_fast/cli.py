@@ -69,9 +69,22 @@ def _given(arguments: dict, config_type) -> dict:
     return {name: value for name, value in arguments.items() if name in names and value is not None}
 
 
+def version_line() -> str:
+    """What a bug report needs: the versions, and which compiled kernels this install has."""
+    import torch
+
+    import dfkd_fast
+    from dfkd_fast._extension import has_kernel
+
+    kernels = [device for device in ("cpu", "cuda") if has_kernel("reparameterize", device)]
+    return (f"dfkd-fast {dfkd_fast.__version__} (torch {torch.__version__}; "
+            f"{dfkd_fast.extension_status()}; compiled kernels: {', '.join(kernels) or 'none'})")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dfkd-fast",
                                      description="Fast data-free knowledge distillation.")  # fmt: skip
+    parser.add_argument("--version", action="version", version=version_line())
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser(

@@ -108,6 +108,17 @@ def test_cli_keeps_freed_host_memory_before_any_command(tmp_path, monkeypatch):
     assert calls == ["retained", "retained"]
 
 
+def test_version_names_the_package_torch_and_the_compiled_kernels(capsys):
+    import dfkd_fast
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"dfkd-fast {dfkd_fast.__version__} (torch {torch.__version__};")
+    assert dfkd_fast.extension_status() in printed and "compiled kernels: cpu" in printed
+
+
 def test_module_entry_point_prints_help():
     completed = subprocess.run([sys.executable, "-m", "dfkd_fast", "distill", "--help"],
                                capture_output=True, text=True, check=True)  # fmt: skip
