@@ -17,6 +17,8 @@ out="${OUT:-runs/gpu-session}"
 mkdir -p "$out"
 export PATH="$(dirname "$(python3 -c 'import sys; print(sys.executable)')"):$PATH"
 train_seconds="${TRAIN_SECONDS:-420}"
+# a run that overruns gets SIGTERM: it finishes its step, checkpoints it and exits (--resume goes on)
+overrun_seconds=$((train_seconds + 90))
 collected=()
 
 log() { echo "=== $(date +%T) $*" | tee -a "$out/session.log"; }
@@ -92,8 +94,8 @@ stage_cifar10() {
         --device cuda --steps 60 --eval-every 20 --quiet >>"$out/session.log" 2>&1 || return 1
     steps="$(steps_within "$train_seconds" "$probe")"
     log "cifar10 data-free pre-dfkd, $steps steps"
-    OUTPUT_DIR="runs/cifar10-pre-dfkd-$tag" RESULT_TAG="$tag" bash benchmarks/distill_cifar10.sh \
-        --device cuda --steps "$steps" --quiet 2>&1 | tail -4 | tee -a "$out/session.log"
+    OUTPUT_DIR="runs/cifar10-pre-dfkd-$tag" RESULT_TAG="$tag" timeout "$overrun_seconds" \
+        bash benchmarks/distill_cifar10.sh --device cuda --steps "$steps" --quiet 2>&1 | tail -4 | tee -a "$out/session.log"
     collected+=("runs/cifar10-pre-dfkd-$tag" "benchmarks/results/distill-cifar10-$tag.json"
                 "docs/img/cifar10-accuracy-$tag.png")
 }
@@ -110,8 +112,8 @@ stage_unlabeled() {
     # two runs, and the related one rescores the collection as it goes
     steps="$(steps_within "$((train_seconds * 2 / 5))" "$probe")"
     log "unlabeled uniform vs related, $steps steps each"
-    RESULT_TAG="$tag" bash benchmarks/distill_unlabeled_cifar10.sh --device cuda --steps "$steps" \
-        --quiet 2>&1 | tail -6 | tee -a "$out/session.log"
+    RESULT_TAG="$tag" timeout "$overrun_seconds" bash benchmarks/distill_unlabeled_cifar10.sh \
+        --device cuda --steps "$steps" --quiet 2>&1 | tail -6 | tee -a "$out/session.log"
     collected+=(runs/cifar10-unlabeled-*-"$tag" "benchmarks/results/distill-unlabeled-cifar10-$tag.json"
                 "docs/img/cifar10-unlabeled-accuracy-$tag.png")
 }

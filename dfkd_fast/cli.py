@@ -18,6 +18,7 @@ from dfkd_fast.distill import (
     METHODS,
     PRESETS,
     DistillConfig,
+    RunStopped,
     compare_runs,
     distill,
     preset_config,
@@ -113,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="--method unlabeled: a source of unlabeled images, repeatable: "
                      "DATASET:FOLDER (mnist, fashion-mnist, kmnist, cifar10, cifar10-jpeg), an "
                      "IDX/.npz file or image folder, or noise:COUNT; SOURCE@0.01 keeps 1%%")  # fmt: skip
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
     _config_arguments(run, DistillConfig)
 
     teach = commands.add_parser(
@@ -125,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     teach.add_argument("--data-dir", type=Path, help="the data set's folder (not for digits)")
     teach.add_argument("--arch", choices=list(CLASSIFIERS), required=True)
     teach.add_argument("--output", type=Path, help="default: teachers/<dataset>-<arch>.pt")
+    teach.add_argument("--quiet", action="store_true", help="no progress bar")
     _config_arguments(teach, TrainConfig)
 
     compare = commands.add_parser(
@@ -160,7 +162,7 @@ def train_teacher_command(arguments: dict) -> int:
     output = arguments["output"] or default_output(arch, dataset)
     output.parent.mkdir(parents=True, exist_ok=True)
     model = build_classifier(arch, train.num_classes, train.image_shape[0], seed=config.seed)
-    train_classifier(model, train, test, config)
+    train_classifier(model, train, test, config, progress=not arguments["quiet"])
     info = ClassifierInfo(arch, train.num_classes, train.image_shape, train.mean, train.std,
                           dataset, accuracy(model, test, device=config.device))  # fmt: skip
     save_classifier(output, model, info)
@@ -175,7 +177,7 @@ def _teacher(arguments: dict):
 
         path = Path(arguments["output_dir"] or "runs") / "digits-teacher.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
-        teacher, info, test = digits_teacher(path)
+        teacher, info, test = digits_teacher(path, progress=not arguments["quiet"])
         print(f"teacher: {info.arch} on the digits, {info.test_accuracy:.2%} test accuracy ({path})")
         return teacher, info, test
     given = None
@@ -267,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"dfkd-fast {command}: error: {error}", file=sys.stderr)
         return 2
+    except RunStopped as stopped:
+        print(f"dfkd-fast {command}: {stopped}; the same command with --resume continues it",
+              file=sys.stderr)  # fmt: skip
+        return stopped.exit_code
 
 
 if __name__ == "__main__":

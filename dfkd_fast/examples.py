@@ -21,7 +21,7 @@ DIGITS_STUDENT_ARCH = "cnn8"
 DIGITS_TEACHER_TRAINING = TrainConfig(epochs=15, batch_size=64, lr=0.05, max_shift=1)
 
 
-def digits_teacher(path: Path, seed: int = 0):
+def digits_teacher(path: Path, seed: int = 0, progress: bool = True):
     """(teacher, info, test set): loaded from `path` when a teacher is there, else trained on
     the digits' training split and saved there."""
     test = load_digits("test", seed=seed)
@@ -30,7 +30,7 @@ def digits_teacher(path: Path, seed: int = 0):
         return teacher, info, test
     train = load_digits("train", seed=seed)
     teacher = build_classifier(DIGITS_TEACHER_ARCH, train.num_classes, 1, seed=seed)
-    train_classifier(teacher, train, test, DIGITS_TEACHER_TRAINING)
+    train_classifier(teacher, train, test, DIGITS_TEACHER_TRAINING, progress)
     info = ClassifierInfo(DIGITS_TEACHER_ARCH, train.num_classes, train.image_shape, train.mean,
                           train.std, "digits", accuracy(teacher, test))  # fmt: skip
     save_classifier(path, teacher, info)

@@ -93,9 +93,11 @@ def random_translate(images: torch.Tensor, max_shift: int, generator: torch.Gene
 
 
 def train_classifier(
-    model: nn.Module, train: ImageSet, test: ImageSet | None, config: TrainConfig
+    model: nn.Module, train: ImageSet, test: ImageSet | None, config: TrainConfig,
+    progress: bool = True,
 ) -> list[tuple[int, float]]:
-    """SGD training; returns the (epoch, test accuracy) curve."""
+    """SGD training, with a progress bar unless not `progress`; returns the (epoch, test
+    accuracy) curve."""
     device = torch.device(config.device)
     model.to(device).train()
     generator = torch.Generator().manual_seed(config.seed)
@@ -106,8 +108,9 @@ def train_classifier(
         optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.15
     )
     curve = []
-    progress = tqdm(range(1, config.epochs + 1), desc="teacher (supervised)", unit="epoch")
-    for epoch in progress:
+    bar = tqdm(range(1, config.epochs + 1), desc="teacher (supervised)", unit="epoch",
+               disable=not progress)  # fmt: skip
+    for epoch in bar:
         order = torch.randperm(len(train), generator=generator)
         for batch in order.split(config.batch_size):
             images = random_translate(train.images[batch], config.max_shift, generator)
@@ -118,7 +121,7 @@ def train_classifier(
             schedule.step()
         if test is not None:
             curve.append((epoch, accuracy(model, test, device=device)))
-            progress.set_postfix(test_acc=f"{curve[-1][1]:.4f}")
+            bar.set_postfix(test_acc=f"{curve[-1][1]:.4f}")
     model.eval()
     return curve
 

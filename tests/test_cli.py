@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -32,8 +34,9 @@ def compiled_cpu_kernels(monkeypatch):
 def test_distill_runs_the_embedded_default_and_resumes_idempotently(tmp_path, capsys):
     output = tmp_path / "run"
     assert main(["distill", "--method", "memory-bank", "--output-dir", str(output), *TINY]) == 0
-    printed = capsys.readouterr().out
+    printed, bars = capsys.readouterr()
     assert "teacher: cnn32 on the digits" in printed and "student: cnn8, final" in printed
+    assert "teacher (supervised)" not in bars and "distill (" not in bars  # --quiet
     metrics = json.loads((output / "metrics.json").read_text())
     assert metrics["config"]["method"] == "memory-bank" and metrics["config"]["batch_size"] == 16
     assert metrics["config"]["latent_dim"] == 64  # from the digits preset
@@ -57,15 +60,42 @@ def test_distill_runs_the_embedded_default_and_resumes_idempotently(tmp_path, ca
     assert "another config (student_lr" in capsys.readouterr().err
 
 
+def test_sigterm_stops_distill_after_a_step_with_a_checkpoint_and_the_shells_exit_code(tmp_path):
+    output = tmp_path / "run"
+    command = [sys.executable, "-m", "dfkd_fast", "distill", "--output-dir", str(output),
+               "--steps", "5000", "--batch-size", "16", "--student-steps", "1",
+               "--eval-every", "1000", "--checkpoint-every", "1", "--quiet"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (output / "checkpoint.pt").exists() and process.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint within 4 minutes"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        _, error = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 143, error
+    step = load_checkpoint(output / "checkpoint.pt")["step"]
+    assert 1 <= step < 5000
+    assert f"stopped by SIGTERM after step {step} of 5000" in error
+    assert "--resume continues it" in error and "Traceback" not in error
+    assert not (output / "student.pt").exists()
+
+
 def test_train_teacher_on_digits_writes_a_loadable_classifier(tmp_path, capsys):
     outputs = [tmp_path / "teacher.pt", tmp_path / "again.pt"]
-    for output in outputs:
+    bars = []
+    for output, quiet in zip(outputs, ([], ["--quiet"])):
         torch.manual_seed(len(str(output)))  # the global random state must not matter
         assert main(["train-teacher", "--dataset", "digits", "--arch", "cnn8", "--epochs", "2",
-                     "--output", str(output)]) == 0  # fmt: skip
+                     "--output", str(output), *quiet]) == 0  # fmt: skip
+        printed, bar = capsys.readouterr()
+        assert f"saved {output}" in printed
+        bars.append(bar)
+    assert "teacher (supervised)" in bars[0] and "teacher (supervised)" not in bars[1]
     model, info = load_classifier(outputs[0])
     assert info.arch == "cnn8" and info.image_shape == (1, 8, 8) and 0 < info.test_accuracy <= 1
-    assert f"saved {outputs[0]}" in capsys.readouterr().out
     assert same_state(model.state_dict(), load_classifier(outputs[1])[0].state_dict())
 
 

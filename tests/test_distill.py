@@ -7,6 +7,7 @@ import contextlib
 import functools
 import json
 import math
+import signal
 import sys
 import warnings
 
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from dfkd_fast.data import ImageSet
-from dfkd_fast.distill import METHODS, DistillConfig, distill, preset_config
+from dfkd_fast.distill import METHODS, DistillConfig, RunStopped, distill, preset_config
 from dfkd_fast.distill.config import DATA_FREE_METHODS
 from dfkd_fast.distill import engine
 from dfkd_fast.distill.averaging import WeightAverage
@@ -242,6 +243,85 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch, method):
         {**entry, "seconds": resumed_entry["seconds"]}
         for entry, resumed_entry in zip(uninterrupted.curve, resumed.curve)
     ]
+
+
+def signal_in_step(tmp_path, monkeypatch, method, name, signals, at_step=3, **overrides):
+    """Runs into tmp_path / name, raising `signals` (one after the other) inside step `at_step`;
+    returns what the run raised, or None if it finished."""
+    original_step = engine.STEP_FUNCTIONS[method]
+
+    def signalled_step(run_state, step):
+        if step == at_step:
+            for number in signals:
+                signal.raise_signal(number)
+        return original_step(run_state, step)
+
+    with monkeypatch.context() as patch:
+        patch.setitem(engine.STEP_FUNCTIONS, method, signalled_step)
+        try:
+            run(tmp_path, method, name, **overrides)
+        except KeyboardInterrupt as raised:
+            return raised
+    return None
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_signalled_run_finishes_its_step_checkpoints_it_and_resumes_to_the_same_result(
+        tmp_path, monkeypatch, method):  # fmt: skip
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    uninterrupted = run(tmp_path, method, "uninterrupted")
+    # step 3 is neither an evaluation nor a periodic checkpoint: its losses must travel too
+    stopped = signal_in_step(tmp_path, monkeypatch, method, "stopped", [signal.SIGINT])
+    assert isinstance(stopped, RunStopped)
+    assert stopped.step == 3 and stopped.signal_name == "SIGINT" and stopped.exit_code == 130
+    assert stopped.checkpoint == tmp_path / "stopped" / "checkpoint.pt"
+    assert "stopped by SIGINT after step 3 of 4" in str(stopped)
+    assert load_checkpoint(stopped.checkpoint)["step"] == 3
+    assert not (tmp_path / "stopped" / "student.pt").exists()
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+    resumed = run(tmp_path, method, "stopped", resume=True)
+    assert same_weights(resumed.student, uninterrupted.student)
+    assert resumed.curve == [
+        {**entry, "seconds": resumed_entry["seconds"]}
+        for entry, resumed_entry in zip(uninterrupted.curve, resumed.curve)
+    ]
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+
+
+def test_sigterm_stops_a_run_like_sigint(tmp_path, monkeypatch):
+    stopped = signal_in_step(tmp_path, monkeypatch, "pre-dfkd", "run", [signal.SIGTERM], at_step=2)
+    assert isinstance(stopped, RunStopped) and stopped.signal_name == "SIGTERM"
+    assert stopped.exit_code == 143 and load_checkpoint(stopped.checkpoint)["step"] == 2
+
+
+def test_a_second_sigint_interrupts_at_once_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    interrupted = signal_in_step(tmp_path, monkeypatch, "adversarial", "run",
+                                 [signal.SIGINT, signal.SIGINT])  # fmt: skip
+    assert type(interrupted) is KeyboardInterrupt
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_signal_in_the_last_step_lets_the_run_finish(tmp_path, monkeypatch):
+    assert signal_in_step(tmp_path, monkeypatch, "adversarial", "run", [signal.SIGINT],
+                          at_step=4) is None  # fmt: skip
+    assert (tmp_path / "run" / "student.pt").exists()
+
+
+def test_a_run_without_an_output_folder_leaves_signals_alone(monkeypatch):
+    teacher, student = networks()
+    config = DistillConfig(method="adversarial", **TINY)
+    original_step = engine.STEP_FUNCTIONS["adversarial"]
+
+    def interrupted_step(run_state, step):
+        if step == 2:
+            signal.raise_signal(signal.SIGINT)
+        return original_step(run_state, step)
+
+    monkeypatch.setitem(engine.STEP_FUNCTIONS, "adversarial", interrupted_step)
+    with pytest.raises(KeyboardInterrupt) as raised:
+        distill(teacher, student, config, IMAGE_SHAPE, progress=False)
+    assert type(raised.value) is KeyboardInterrupt
 
 
 def test_resume_refuses_another_config_and_keeps_the_files(tmp_path):

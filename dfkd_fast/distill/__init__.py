@@ -1,7 +1,8 @@
 """Data-free distillation: the methods (adversarial, pre-dfkd, memory-bank), their engine and
 their reports. Entry point: :func:`distill`, which the package itself also is:
 ``dfkd_fast.distill(teacher, student, config)`` calls it. :func:`compare_runs` puts finished runs
-side by side."""
+side by side. A run stopped by SIGINT or SIGTERM raises :class:`RunStopped` after
+checkpointing its last step."""
 
 import sys
 import types
@@ -9,11 +10,13 @@ import types
 from dfkd_fast.distill.compare import Comparison, compare_runs
 from dfkd_fast.distill.config import METHODS, PRESETS, DistillConfig, preset_config
 from dfkd_fast.distill.engine import DistillResult, check_networks, distill
+from dfkd_fast.distill.stopping import RunStopped
 
 __all__ = [
     "Comparison",
     "METHODS",
     "PRESETS",
+    "RunStopped",
     "DistillConfig",
     "DistillResult",
     "check_networks",

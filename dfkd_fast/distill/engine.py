@@ -26,6 +26,7 @@ from dfkd_fast.distill.averaging import WeightAverage
 from dfkd_fast.distill.config import DistillConfig
 from dfkd_fast.distill.replay import GenerativeReplay, MemoryBank
 from dfkd_fast.distill.steps import STEP_FUNCTIONS
+from dfkd_fast.distill.stopping import RunStopped, deferred_stop_signals
 from dfkd_fast.distill.streams import REPLAY_STREAM, SAMPLER_STREAM, stream_seed
 from dfkd_fast.hooks import BNStatHooks, PenultimateFeatures, batchnorm_layers
 from dfkd_fast.io import atomic_torch_save, ensure_writable_dir, load_checkpoint
@@ -289,6 +290,7 @@ def distill(
     student_record: dict | None = None,
     progress: bool = True,
     collection=None,
+    stop_on_signal: bool = True,
 ) -> DistillResult:
     """Distills `teacher` into `student` (trained in place) without data.
 
@@ -304,6 +306,13 @@ def distill(
         collection: for ``method="unlabeled"``, the unlabeled samples
             (a :class:`dfkd_fast.unlabeled.Collection` in the teacher's image format); scored by
             ``config.score`` once (cached in output_dir).
+        stop_on_signal: with an output_dir, a SIGINT (Ctrl-C) or SIGTERM received during the
+            run lets the step under way finish, writes a checkpoint and raises
+            :class:`~dfkd_fast.distill.stopping.RunStopped` (a KeyboardInterrupt); a second
+            signal acts at once. The process's handlers are restored on return.
+
+    Raises:
+        RunStopped: stopped by a signal; ``resume=True`` continues from its step.
     """
     if not isinstance(config, DistillConfig):
         raise TypeError(f"config must be a DistillConfig, got {type(config).__name__}")
@@ -339,10 +348,13 @@ def distill(
         )
     run = Run(teacher, student, config, image_shape, has_bn, collection, scored)
     curve: list[dict] = []
+    interval_losses: list[dict] = []  # the losses of the steps since the last evaluation
     first_step, seconds_before, eval_seconds = 1, 0.0, 0.0
     if checkpoint is not None:
         run.load_state_dict(checkpoint["run"])
         curve = list(checkpoint["curve"])
+        interval_losses = [{name: loss.to(run.device) for name, loss in losses.items()}
+                           for losses in checkpoint.get("interval_losses", [])]  # fmt: skip
         first_step = int(checkpoint["step"]) + 1
         seconds_before = float(checkpoint["seconds"])
         eval_seconds = float(checkpoint["eval_seconds"])
@@ -368,28 +380,36 @@ def distill(
             report.write(directory, metrics, curve)
         return metrics
 
+    def save_checkpoint(step: int) -> None:
+        # the checkpoint's step includes its evaluation, if any, so a resumed run repeats nothing
+        atomic_torch_save(directory / CHECKPOINT_NAME, {
+            "config": config.to_dict(), "run": run.state_dict(), "curve": curve,
+            "interval_losses": interval_losses, "step": step,
+            "seconds": seconds_before + time.perf_counter() - started, "eval_seconds": eval_seconds,
+        })  # fmt: skip
+
     started = time.perf_counter()
-    interval_losses: list[dict] = []
     bar = tqdm(range(first_step, config.steps + 1), desc=f"distill ({config.method})",
                unit="step", initial=first_step - 1, total=config.steps, disable=not progress)  # fmt: skip
-    for step in bar:
-        interval_losses.append(run.step_function(run, step))
-        if step % config.eval_every == 0 or step == config.steps:
-            evaluation_started = time.perf_counter()
-            seconds = seconds_before + evaluation_started - started
-            curve.append(evaluate(step, interval_losses, seconds))
-            interval_losses = []
-            eval_seconds += time.perf_counter() - evaluation_started
-            if "accuracy" in curve[-1]:
-                bar.set_postfix(accuracy=f"{curve[-1]['accuracy']:.4f}")
-            write_report(step, seconds, finished=False)
-        if directory is not None and (step % config.checkpoint_every == 0 or step == config.steps):
-            # the checkpoint's step includes the evaluation above, so a resumed run repeats nothing
-            atomic_torch_save(directory / CHECKPOINT_NAME, {
-                "config": config.to_dict(), "run": run.state_dict(), "curve": curve,
-                "step": step, "seconds": seconds_before + time.perf_counter() - started,
-                "eval_seconds": eval_seconds,
-            })  # fmt: skip
+    with deferred_stop_signals(stop_on_signal and directory is not None) as stop_signal:
+        for step in bar:
+            interval_losses.append(run.step_function(run, step))
+            if step % config.eval_every == 0 or step == config.steps:
+                evaluation_started = time.perf_counter()
+                seconds = seconds_before + evaluation_started - started
+                curve.append(evaluate(step, interval_losses, seconds))
+                interval_losses = []
+                eval_seconds += time.perf_counter() - evaluation_started
+                if "accuracy" in curve[-1]:
+                    bar.set_postfix(accuracy=f"{curve[-1]['accuracy']:.4f}")
+                write_report(step, seconds, finished=False)
+            stopped_by = stop_signal() if step < config.steps else None
+            if directory is not None and (stopped_by or step % config.checkpoint_every == 0
+                                          or step == config.steps):  # fmt: skip
+                save_checkpoint(step)
+            if stopped_by:
+                bar.close()
+                raise RunStopped(stopped_by, step, config.steps, directory / CHECKPOINT_NAME)
     bar.close()
     if run.student_average is not None:
         run.student.load_state_dict(run.student_average.network.state_dict())
