@@ -9,6 +9,7 @@ import json
 import math
 import signal
 import sys
+import threading
 import warnings
 
 import pytest
@@ -245,9 +246,15 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch, method):
     ]
 
 
+def needs_the_main_thread():
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("Python sets signal handlers from the main thread only")
+
+
 def signal_in_step(tmp_path, monkeypatch, method, name, signals, at_step=3, **overrides):
     """Runs into tmp_path / name, raising `signals` (one after the other) inside step `at_step`;
     returns what the run raised, or None if it finished."""
+    needs_the_main_thread()
     original_step = engine.STEP_FUNCTIONS[method]
 
     def signalled_step(run_state, step):
@@ -309,6 +316,7 @@ def test_a_signal_in_the_last_step_lets_the_run_finish(tmp_path, monkeypatch):
 
 
 def test_a_run_without_an_output_folder_leaves_signals_alone(monkeypatch):
+    needs_the_main_thread()
     teacher, student = networks()
     config = DistillConfig(method="adversarial", **TINY)
     original_step = engine.STEP_FUNCTIONS["adversarial"]
