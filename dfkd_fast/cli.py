@@ -24,6 +24,7 @@ from dfkd_fast.distill import (
     preset_config,
 )
 from dfkd_fast.host_memory import retain_freed_host_memory
+from dfkd_fast.io import ensure_writable_dir
 from dfkd_fast.models import CLASSIFIERS, build_classifier
 from dfkd_fast.models.cifar import PRETRAINED_MEAN, PRETRAINED_STD
 from dfkd_fast.training import (
@@ -126,6 +127,8 @@ def _parser() -> argparse.ArgumentParser:
     teach.add_argument("--data-dir", type=Path, help="the data set's folder (not for digits)")
     teach.add_argument("--arch", choices=list(CLASSIFIERS), required=True)
     teach.add_argument("--output", type=Path, help="default: teachers/<dataset>-<arch>.pt")
+    teach.add_argument("--resume", action="store_true",
+                       help="continue a training that was stopped, from <output>.checkpoint.pt")
     teach.add_argument("--quiet", action="store_true", help="no progress bar")
     _config_arguments(teach, TrainConfig)
 
@@ -160,12 +163,19 @@ def train_teacher_command(arguments: dict) -> int:
     train = _load_split(dataset, arguments["data_dir"], "train", arch)
     test = _load_split(dataset, arguments["data_dir"], "test", arch)
     output = arguments["output"] or default_output(arch, dataset)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint = output.with_suffix(".checkpoint.pt")
+    if arguments["resume"] and output.exists() and not checkpoint.exists():
+        print(f"{output} exists and no training of it is under way: nothing to resume (without "
+              "--resume it is trained again)")  # fmt: skip
+        return 0
+    ensure_writable_dir(output.parent)
     model = build_classifier(arch, train.num_classes, train.image_shape[0], seed=config.seed)
-    train_classifier(model, train, test, config, progress=not arguments["quiet"])
+    train_classifier(model, train, test, config, progress=not arguments["quiet"],
+                     checkpoint=checkpoint, resume=arguments["resume"])  # fmt: skip
     info = ClassifierInfo(arch, train.num_classes, train.image_shape, train.mean, train.std,
                           dataset, accuracy(model, test, device=config.device))  # fmt: skip
     save_classifier(output, model, info)
+    checkpoint.unlink(missing_ok=True)
     print(f"teacher {arch} on {dataset}: {info.test_accuracy:.2%} test accuracy; saved {output}")
     return 0
 

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from dfkd_fast.data import ImageSet
 from dfkd_fast.io import atomic_torch_save, load_checkpoint
 from dfkd_fast.models import build_classifier, strip_prefix
+from dfkd_fast.stopping import RunStopped, deferred_stop_signals
 
 __all__ = [
     "ClassifierInfo",
@@ -94,10 +95,16 @@ def random_translate(images: torch.Tensor, max_shift: int, generator: torch.Gene
 
 def train_classifier(
     model: nn.Module, train: ImageSet, test: ImageSet | None, config: TrainConfig,
-    progress: bool = True,
+    progress: bool = True, checkpoint: str | os.PathLike | None = None, resume: bool = False,
 ) -> list[tuple[int, float]]:
     """SGD training, with a progress bar unless not `progress`; returns the (epoch, test
-    accuracy) curve."""
+    accuracy) curve.
+
+    With a `checkpoint` path, the training state is written there atomically after every epoch
+    and, on SIGINT or SIGTERM, after the step under way (then
+    :class:`~dfkd_fast.stopping.RunStopped` is raised); ``resume=True`` continues from it to the
+    same weights. A checkpoint found without ``resume`` is refused, not overwritten. It is left
+    in place when training ends, marked finished: delete it once the model is saved."""
     device = torch.device(config.device)
     model.to(device).train()
     generator = torch.Generator().manual_seed(config.seed)
@@ -107,23 +114,80 @@ def train_classifier(
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.15
     )
-    curve = []
-    bar = tqdm(range(1, config.epochs + 1), desc="teacher (supervised)", unit="epoch",
-               disable=not progress)  # fmt: skip
-    for epoch in bar:
-        order = torch.randperm(len(train), generator=generator)
-        for batch in order.split(config.batch_size):
-            images = random_translate(train.images[batch], config.max_shift, generator)
-            loss = F.cross_entropy(model(images.to(device)), train.labels[batch].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-        if test is not None:
-            curve.append((epoch, accuracy(model, test, device=device)))
-            bar.set_postfix(test_acc=f"{curve[-1][1]:.4f}")
+    curve: list[tuple[int, float]] = []
+    first_epoch, order, first_batch = 1, None, 0
+    state = _training_to_resume(checkpoint, resume, config, len(train))
+    if state is not None:
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as error:
+            raise ValueError(f"{str(checkpoint)!r} holds another architecture: {error}") from None
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        generator.set_state(state["generator"])
+        curve = [(int(epoch), float(value)) for epoch, value in state["curve"]]
+        first_epoch, order, first_batch = state["epoch"], state["order"], state["next_batch"]
+
+    def save(epoch: int, order: torch.Tensor | None, next_batch: int) -> None:
+        atomic_torch_save(checkpoint, {
+            "train_config": asdict(config), "train_size": len(train), "epoch": epoch,
+            "order": order, "next_batch": next_batch, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+            "generator": generator.get_state(), "curve": [list(entry) for entry in curve],
+        })  # fmt: skip
+
+    bar = tqdm(range(first_epoch, config.epochs + 1), desc="teacher (supervised)", unit="epoch",
+               initial=first_epoch - 1, total=config.epochs, disable=not progress)  # fmt: skip
+    with deferred_stop_signals(checkpoint is not None) as stop_signal:
+        for epoch in bar:
+            if order is None:
+                order = torch.randperm(len(train), generator=generator)
+            batches = order.split(config.batch_size)
+            for index in range(first_batch, len(batches)):
+                images = random_translate(train.images[batches[index]], config.max_shift, generator)
+                labels = train.labels[batches[index]].to(device)
+                loss = F.cross_entropy(model(images.to(device)), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                stopped_by = stop_signal()
+                if stopped_by and (epoch, index + 1) != (config.epochs, len(batches)):
+                    save(epoch, order, index + 1)
+                    bar.close()
+                    raise RunStopped(stopped_by, (epoch - 1) * steps_per_epoch + index + 1,
+                                     config.epochs * steps_per_epoch, Path(checkpoint))  # fmt: skip
+            order, first_batch = None, 0
+            if test is not None:
+                curve.append((epoch, accuracy(model, test, device=device)))
+                bar.set_postfix(test_acc=f"{curve[-1][1]:.4f}")
+            if checkpoint is not None:
+                save(epoch + 1, None, 0)
     model.eval()
     return curve
+
+
+def _training_to_resume(checkpoint, resume: bool, config: TrainConfig, train_size: int):
+    """The training state in `checkpoint` when there is one to resume (None when there is none),
+    checked against this training's config and data."""
+    if checkpoint is None or not Path(checkpoint).exists():
+        return None
+    if not resume:
+        raise ValueError(f"{str(checkpoint)!r} holds an unfinished training: resume it, or delete "
+                         "it to start again")  # fmt: skip
+    state = load_checkpoint(checkpoint)
+    if not isinstance(state, dict) or "train_config" not in state:
+        raise ValueError(f"{str(checkpoint)!r} is not a dfkd-fast training checkpoint")
+    differing = {name: (state["train_config"].get(name), value)
+                 for name, value in asdict(config).items()
+                 if name != "device" and state["train_config"].get(name) != value}  # fmt: skip
+    if differing:
+        detail = ", ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in differing.items())
+        raise ValueError(f"cannot resume a training made with another config ({detail})")
+    if state["train_size"] != train_size:
+        raise ValueError(f"cannot resume a training on {state['train_size']} images with "
+                         f"{train_size}")  # fmt: skip
+    return state
 
 
 def classifier_record(info: ClassifierInfo) -> dict:

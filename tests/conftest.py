@@ -1,4 +1,5 @@
-"""Shared fixtures: the devices to test on; and a comparison of weights.
+"""Shared fixtures: the devices to test on; a comparison of weights; the main-thread check of the
+signal tests.
 
 Without a GPU, the Triton kernels are tested under Triton's interpreter: TRITON_INTERPRET=1 is set
 here, before any kernel module is imported (Triton reads it when a kernel is decorated). Each
@@ -8,6 +9,7 @@ test picks the path it exercises (see the `implementation` fixtures of the op te
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 import torch
@@ -18,6 +20,12 @@ if not CUDA_AVAILABLE:
 DEVICES = ["cpu"] + (["cuda"] if CUDA_AVAILABLE else [])
 
 requires_cuda = pytest.mark.skipif(not CUDA_AVAILABLE, reason="needs a CUDA device")
+
+
+def needs_the_main_thread() -> None:
+    """Skips a test that raises signals where Python cannot handle them (a worker thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("Python sets signal handlers from the main thread only")
 
 
 def same_state(first: dict, second: dict) -> bool:

@@ -99,6 +99,25 @@ def test_train_teacher_on_digits_writes_a_loadable_classifier(tmp_path, capsys):
     assert same_state(model.state_dict(), load_classifier(outputs[1])[0].state_dict())
 
 
+def test_train_teacher_resume_continues_a_checkpoint_and_leaves_a_finished_teacher(tmp_path, capsys):
+    output = tmp_path / "teacher.pt"
+    checkpoint = tmp_path / "teacher.checkpoint.pt"
+    command = ["train-teacher", "--dataset", "digits", "--arch", "cnn8", "--epochs", "1",
+               "--output", str(output), "--quiet"]  # fmt: skip
+    torch.save({"not": "a training"}, checkpoint)
+    assert main(command) == 2
+    assert "unfinished training: resume it, or delete it" in capsys.readouterr().err
+    assert main([*command, "--resume"]) == 2
+    assert "not a dfkd-fast training checkpoint" in capsys.readouterr().err
+    checkpoint.unlink()
+    assert main([*command, "--resume"]) == 0  # nothing to resume: trains from the start
+    assert output.exists() and not checkpoint.exists()  # removed once the teacher is saved
+    before = output.read_bytes()
+    capsys.readouterr()
+    assert main([*command, "--resume"]) == 0
+    assert "nothing to resume" in capsys.readouterr().out and output.read_bytes() == before
+
+
 def test_distill_is_reproducible_under_its_seed_whatever_the_global_random_state(tmp_path):
     """The CLI initialises the student from --seed; the user's Python code may have drawn
     anything from torch's global generator before."""

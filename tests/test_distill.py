@@ -9,7 +9,6 @@ import json
 import math
 import signal
 import sys
-import threading
 import warnings
 
 import pytest
@@ -33,7 +32,7 @@ from dfkd_fast.io import load_checkpoint
 from dfkd_fast.models import lenet5, small_cnn
 from dfkd_fast.unlabeled import Collection, Source, noise_source
 from dfkd_fast.unlabeled.scores import score_collection
-from tests.conftest import requires_cuda, same_state
+from tests.conftest import needs_the_main_thread, requires_cuda, same_state
 
 IMAGE_SHAPE = (1, 8, 8)
 TINY = dict(steps=4, student_steps=2, batch_size=16, latent_dim=8, generator_width=4,
@@ -244,11 +243,6 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch, method):
         {**entry, "seconds": resumed_entry["seconds"]}
         for entry, resumed_entry in zip(uninterrupted.curve, resumed.curve)
     ]
-
-
-def needs_the_main_thread():
-    if threading.current_thread() is not threading.main_thread():
-        pytest.skip("Python sets signal handlers from the main thread only")
 
 
 def signal_in_step(tmp_path, monkeypatch, method, name, signals, at_step=3, **overrides):

@@ -10,7 +10,7 @@ import types
 from dfkd_fast.distill.compare import Comparison, compare_runs
 from dfkd_fast.distill.config import METHODS, PRESETS, DistillConfig, preset_config
 from dfkd_fast.distill.engine import DistillResult, check_networks, distill
-from dfkd_fast.distill.stopping import RunStopped
+from dfkd_fast.stopping import RunStopped
 
 __all__ = [
     "Comparison",

@@ -26,7 +26,7 @@ from dfkd_fast.distill.averaging import WeightAverage
 from dfkd_fast.distill.config import DistillConfig
 from dfkd_fast.distill.replay import GenerativeReplay, MemoryBank
 from dfkd_fast.distill.steps import STEP_FUNCTIONS
-from dfkd_fast.distill.stopping import RunStopped, deferred_stop_signals
+from dfkd_fast.stopping import RunStopped, deferred_stop_signals
 from dfkd_fast.distill.streams import REPLAY_STREAM, SAMPLER_STREAM, stream_seed
 from dfkd_fast.hooks import BNStatHooks, PenultimateFeatures, batchnorm_layers
 from dfkd_fast.io import atomic_torch_save, ensure_writable_dir, load_checkpoint
@@ -308,7 +308,7 @@ def distill(
             ``config.score`` once (cached in output_dir).
         stop_on_signal: with an output_dir, a SIGINT (Ctrl-C) or SIGTERM received during the
             run lets the step under way finish, writes a checkpoint and raises
-            :class:`~dfkd_fast.distill.stopping.RunStopped` (a KeyboardInterrupt); a second
+            :class:`~dfkd_fast.stopping.RunStopped` (a KeyboardInterrupt); a second
             signal acts at once. The process's handlers are restored on return.
 
     Raises:

@@ -1,6 +1,7 @@
-"""Stopping a run cleanly on SIGINT (Ctrl-C) or SIGTERM (a scheduler's or `timeout`'s kill): the
-step under way is finished, a checkpoint is written, and :class:`RunStopped` is raised, so that
-`--resume` continues from that step, not from the last periodic checkpoint."""
+"""Stopping a distillation or a teacher's training cleanly on SIGINT (Ctrl-C) or SIGTERM (a
+scheduler's or `timeout`'s kill): the step under way is finished, a checkpoint is written, and
+:class:`RunStopped` is raised, so that `--resume` continues from that step, not from the last
+periodic checkpoint."""
 
 from __future__ import annotations
 
