@@ -15,6 +15,7 @@ from pathlib import Path
 
 from dfkd_fast.data import DATASETS, load_dataset, load_digits
 from dfkd_fast.distill import (
+    FIELD_HELP,
     METHODS,
     PRESETS,
     DistillConfig,
@@ -28,6 +29,7 @@ from dfkd_fast.io import ensure_writable_dir
 from dfkd_fast.models import CLASSIFIERS, build_classifier
 from dfkd_fast.models.cifar import PRETRAINED_MEAN, PRETRAINED_STD
 from dfkd_fast.training import (
+    TRAIN_FIELD_HELP,
     ClassifierInfo,
     TrainConfig,
     accuracy,
@@ -49,21 +51,26 @@ class UsageError(ValueError):
     pass
 
 
-def _config_arguments(parser: argparse.ArgumentParser, config_type, skip=()) -> None:
-    """One --flag per field of a config dataclass; unset flags stay None (the preset decides)."""
+def _config_arguments(parser: argparse.ArgumentParser, config_type, help_texts: dict,
+                      presets: dict | None = None) -> None:  # fmt: skip
+    """One --flag per field of a config dataclass, explained by `help_texts`, with its default and
+    the value each of `presets` gives it; unset flags stay None (the preset decides)."""
     group = parser.add_argument_group(f"{config_type.__name__} fields")
     for field in dataclasses.fields(config_type):
-        if field.name in skip:
-            continue
         flag = "--" + field.name.replace("_", "-")
+        preset_values = ", ".join(f"{name} {values[field.name]}"
+                                  for name, values in (presets or {}).items()
+                                  if field.name in values)  # fmt: skip
+        default = f"default {field.default}" + (f"; presets: {preset_values}" if preset_values else "")
+        help_text = f"{help_texts[field.name]} ({default})"
         if field.type == "bool":
             group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
-                               default=None, help=f"(default: {field.default})")  # fmt: skip
+                               default=None, help=help_text)  # fmt: skip
         else:
             choices = METHODS if field.name == "method" else None
             group.add_argument(flag, dest=field.name, type=type(field.default), default=None,
                                choices=choices, metavar=None if choices else field.type.upper(),
-                               help=f"(default: {field.default})")  # fmt: skip
+                               help=help_text)  # fmt: skip
 
 
 def _given(arguments: dict, config_type) -> dict:
@@ -116,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
                      "DATASET:FOLDER (mnist, fashion-mnist, kmnist, cifar10, cifar10-jpeg), an "
                      "IDX/.npz file or image folder, or noise:COUNT; SOURCE@0.01 keeps 1%%")  # fmt: skip
     run.add_argument("--quiet", action="store_true", help="no progress bars")
-    _config_arguments(run, DistillConfig)
+    _config_arguments(run, DistillConfig, FIELD_HELP, PRESETS)
 
     teach = commands.add_parser(
         "train-teacher", help="train a teacher on a labelled data set you have",
@@ -130,7 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     teach.add_argument("--resume", action="store_true",
                        help="continue a training that was stopped, from <output>.checkpoint.pt")
     teach.add_argument("--quiet", action="store_true", help="no progress bar")
-    _config_arguments(teach, TrainConfig)
+    _config_arguments(teach, TrainConfig, TRAIN_FIELD_HELP)
 
     compare = commands.add_parser(
         "compare", help="put finished runs side by side",

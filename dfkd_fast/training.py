@@ -34,9 +34,9 @@ __all__ = [
 class TrainConfig:
     epochs: int = 10
     batch_size: int = 128
-    lr: float = 0.05  # SGD with momentum 0.9, cosine decay to 0
+    lr: float = 0.05
     weight_decay: float = 5e-4
-    max_shift: int = 2  # random translation of the training images, in pixels
+    max_shift: int = 2
     seed: int = 0
     device: str = "cpu"
 
@@ -47,6 +47,17 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not self.lr > 0 or not self.weight_decay >= 0 or self.max_shift < 0:
             raise ValueError("lr must be > 0, weight_decay and max_shift >= 0")
+
+
+TRAIN_FIELD_HELP = {
+    "epochs": "passes over the training set",
+    "batch_size": "images per SGD step",
+    "lr": "peak SGD learning rate (momentum 0.9, Nesterov; one-cycle schedule)",
+    "weight_decay": "SGD weight decay",
+    "max_shift": "random translation of the training images, in pixels",
+    "seed": "seeds the initial weights, the order of the images and the shifts",
+    "device": "cpu, cuda or cuda:N",
+}
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ errors reported as messages with exit status 2."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import signal
@@ -16,8 +17,9 @@ import torch
 
 from dfkd_fast import cli
 from dfkd_fast.cli import main
+from dfkd_fast.distill import FIELD_HELP, DistillConfig
 from dfkd_fast.io import load_checkpoint
-from dfkd_fast.training import load_classifier
+from dfkd_fast.training import TRAIN_FIELD_HELP, TrainConfig, load_classifier
 from tests.conftest import same_state
 
 pytest.importorskip("sklearn", reason="the embedded default reads scikit-learn's bundled digits")
@@ -166,6 +168,19 @@ def test_version_names_the_package_torch_and_the_compiled_kernels(capsys):
     printed = capsys.readouterr().out
     assert printed.startswith(f"dfkd-fast {dfkd_fast.__version__} (torch {torch.__version__};")
     assert dfkd_fast.extension_status() in printed and "compiled kernels: cpu" in printed
+
+
+def test_every_config_flag_is_explained_with_its_default_and_the_presets_values(capsys):
+    with pytest.raises(SystemExit):
+        main(["distill", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--steps INT steps of the run; each is one generator update" in text
+    assert "(default 800; presets: digits 300, mnist 3200, mnist-unlabeled 10000" in text
+    assert "--score STR unlabeled: relatedness score, msp | entropy | energy" in text
+    for name in ("student_ema", "vae_fitted_prior", "cpu_amp", "uniform_share"):
+        assert f"--{name.replace('_', '-')}" in text and FIELD_HELP[name].split(",")[0] in text
+    assert set(FIELD_HELP) == {field.name for field in dataclasses.fields(DistillConfig)}
+    assert set(TRAIN_FIELD_HELP) == {field.name for field in dataclasses.fields(TrainConfig)}
 
 
 def test_module_entry_point_prints_help():

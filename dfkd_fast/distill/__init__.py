@@ -8,12 +8,13 @@ import sys
 import types
 
 from dfkd_fast.distill.compare import Comparison, compare_runs
-from dfkd_fast.distill.config import METHODS, PRESETS, DistillConfig, preset_config
+from dfkd_fast.distill.config import FIELD_HELP, METHODS, PRESETS, DistillConfig, preset_config
 from dfkd_fast.distill.engine import DistillResult, check_networks, distill
 from dfkd_fast.stopping import RunStopped
 
 __all__ = [
     "Comparison",
+    "FIELD_HELP",
     "METHODS",
     "PRESETS",
     "RunStopped",

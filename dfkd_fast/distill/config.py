@@ -23,7 +23,8 @@ class DistillConfig:
 
     One *step* is one generator update followed by ``student_steps`` student updates (and, for
     the replay methods, one update of the replay memory); for the unlabeled method, it is
-    ``student_steps`` student updates on batches drawn from the collection."""
+    ``student_steps`` student updates on batches drawn from the collection. What each field does
+    is in :data:`FIELD_HELP`."""
 
     method: str = "pre-dfkd"
     steps: int = 800
@@ -37,33 +38,27 @@ class DistillConfig:
     # student: SGD with momentum 0.9, cosine decay to 0 over the run
     student_lr: float = 0.1
     student_weight_decay: float = 5e-4
-    student_grad_clip: float = 0.0  # max gradient norm of a student update (0: no clipping)
-    # decay of the moving average of the student's weights that is evaluated and kept, updated
-    # after every student update (0: keep the last weights)
+    student_grad_clip: float = 0.0
     student_ema: float = 0.0
-    # every image of a student batch (synthetic, replayed or drawn from the collection) shifted by
-    # up to this many pixels, before any mixing; the teacher labels the shifted image
     max_shift: int = 0
-    temperature: float = 1.0  # of the student's KD divergence
-    # of the generator's disagreement term (0: the same as temperature)
+    temperature: float = 1.0
     disagreement_temperature: float = 0.0
     # generator loss: bn * BN-statistic matching + confidence * CE(teacher, argmax teacher)
     #   + balance * (negative entropy of the mean teacher prediction) - adversarial * JS(student, teacher)
     #   - activation * mean |teacher's penultimate features| (DAFL)
     bn_weight: float = 1.0
     first_bn_multiplier: float = 10.0
-    bn_momentum: float = 0.0  # Fast-DFKD's EMA blending of batch statistics (0: off)
+    bn_momentum: float = 0.0
     confidence_weight: float = 1.0
     balance_weight: float = 5.0
     adversarial_weight: float = 1.0
     activation_weight: float = 0.0
-    # replay (pre-dfkd, memory-bank): this fraction of every student batch is replayed, from
-    # replay_start (a fraction of the run) on
+    # replay (pre-dfkd, memory-bank)
     replay_fraction: float = 0.5
     replay_start: float = 0.1
     # pre-dfkd's VAE: loss = pixel MSE + vae_output_weight * KD(teacher(recon), teacher(x))
-    #   + vae_kl_weight * KL / pixels, on vae_batch_size of each step's synthetic images; it also
-    #   rehearses its own samples (vae_self_replay of that many)
+    #   + vae_kl_weight * KL / pixels, on vae_batch_size of each step's synthetic images, plus
+    #   the rehearsal of its own samples (vae_self_replay of that many)
     vae_batch_size: int = 128
     vae_latent_dim: int = 64
     vae_width: int = 16
@@ -71,22 +66,17 @@ class DistillConfig:
     vae_output_weight: float = 1.0
     vae_kl_weight: float = 0.1
     vae_self_replay: float = 0.5
-    # replay (and the VAE's own rehearsal) decodes draws from a Gaussian fitted to the VAE's
-    # posteriors of the images learnt so far, a moving average with this decay per update;
-    # False: from the N(0, I) prior, as in PRE-DFKD
     vae_fitted_prior: bool = True
     vae_prior_decay: float = 0.99
-    # memory-bank: the number of past synthetic images kept
     memory_bank_size: int = 10240
-    # unlabeled: relatedness score and sampling policy over the collection (see
-    # dfkd_fast.unlabeled), and the fractions of each batch mixed by mixup and by cutmix
+    # unlabeled: relatedness score and sampling policy over the collection (dfkd_fast.unlabeled)
     score: str = "energy"
     policy: str = "proportional"
     policy_temperature: float = 1.0
     top_fraction: float = 0.1
     class_balance: bool = True
     disagreement_weight: float = 1.0
-    uniform_share: float = 0.0  # of the sampling probability spread uniformly
+    uniform_share: float = 0.0
     refresh_every: int = 50
     mixup_fraction: float = 0.25
     cutmix_fraction: float = 0.25
@@ -94,9 +84,7 @@ class DistillConfig:
     eval_every: int = 50
     checkpoint_every: int = 100
     device: str = "cpu"
-    amp: bool = True  # bfloat16 autocast on CUDA (generator, teacher, student and VAE forwards)
-    # bfloat16 autocast on the CPU: about 2x faster steps where the CPU has bfloat16 instructions
-    # (AVX512-BF16, AMX, Arm BF16), much slower where it has not
+    amp: bool = True
     cpu_amp: bool = False
     channels_last: bool = False
 
@@ -185,6 +173,70 @@ class DistillConfig:
             for name, value in self.to_dict().items()
             if name not in RESUMABLE_CHANGES and saved.get(name, value) != value
         )
+
+
+# What each field does, for `dfkd-fast distill --help` and readers of the dataclass.
+FIELD_HELP = {
+    "method": "adversarial, pre-dfkd (VAE replay), memory-bank (stored replay) or unlabeled",
+    "steps": "steps of the run; each is one generator update and student_steps student updates "
+             "(unlabeled: the student updates only)",
+    "student_steps": "student updates per step",
+    "batch_size": "images per generator and student batch",
+    "seed": "seeds everything random in the run, the student's initial weights included",
+    "latent_dim": "size of the generator's input noise",
+    "generator_width": "channel width of the generator",
+    "generator_lr": "the generator's Adam learning rate",
+    "student_lr": "the student's SGD learning rate at the start (cosine decay to 0)",
+    "student_weight_decay": "the student's SGD weight decay",
+    "student_grad_clip": "largest gradient norm of a student update (0: no clipping)",
+    "student_ema": "decay of the moving average of the student's weights, evaluated and kept "
+                   "instead of the last weights (0: the last weights)",
+    "max_shift": "every image of a student batch shifted by up to this many pixels before the "
+                 "teacher labels it",
+    "temperature": "temperature of the student's KD divergence",
+    "disagreement_temperature": "temperature of the generator's disagreement term (0: the same "
+                                "as temperature)",
+    "bn_weight": "weight of BatchNorm-statistic matching in the generator's loss",
+    "first_bn_multiplier": "extra weight of the teacher's first BatchNorm layer",
+    "bn_momentum": "Fast-DFKD's moving-average blending of the batch statistics (0: off)",
+    "confidence_weight": "weight of the teacher's confidence (cross-entropy with its argmax)",
+    "balance_weight": "weight of the class balance (entropy of the mean teacher prediction)",
+    "adversarial_weight": "weight of the student/teacher disagreement the generator seeks",
+    "activation_weight": "weight of DAFL's activation term (teacher's penultimate features)",
+    "replay_fraction": "pre-dfkd, memory-bank: fraction of each student batch replayed",
+    "replay_start": "pre-dfkd, memory-bank: fraction of the run after which replay starts",
+    "vae_batch_size": "pre-dfkd: synthetic images of each step that the VAE learns",
+    "vae_latent_dim": "pre-dfkd: the VAE's latent size",
+    "vae_width": "pre-dfkd: channel width of the VAE",
+    "vae_lr": "pre-dfkd: the VAE's Adam learning rate",
+    "vae_output_weight": "pre-dfkd: weight of the VAE's reconstruction in teacher-output space",
+    "vae_kl_weight": "pre-dfkd: weight of the VAE's KL term (per pixel)",
+    "vae_self_replay": "pre-dfkd: the VAE's rehearsal of its own samples, as a fraction of "
+                       "vae_batch_size",
+    "vae_fitted_prior": "pre-dfkd: replay decodes draws of a Gaussian fitted to the VAE's "
+                        "posteriors (no: of N(0, I), as in the paper)",
+    "vae_prior_decay": "pre-dfkd: per-update decay of the fitted Gaussian's moving average",
+    "memory_bank_size": "memory-bank: past synthetic images kept",
+    "score": "unlabeled: relatedness score, " + " | ".join(SCORES),
+    "policy": "unlabeled: sampling policy, " + " | ".join(POLICIES),
+    "policy_temperature": "unlabeled: temperature of proportional sampling on the standardised "
+                          "score (lower: sharper)",
+    "top_fraction": "unlabeled, top-k: fraction of the collection kept",
+    "class_balance": "unlabeled: sample evenly over the teacher's predicted classes",
+    "disagreement_weight": "unlabeled: how much the refreshed weights favour samples where "
+                           "student and teacher still disagree",
+    "uniform_share": "unlabeled: share of the sampling probability spread uniformly",
+    "refresh_every": "unlabeled: steps between refreshes of the sampling weights",
+    "mixup_fraction": "unlabeled: fraction of each batch mixed by mixup",
+    "cutmix_fraction": "unlabeled: fraction of each batch mixed by cutmix",
+    "eval_every": "steps between evaluations on the test data (reporting only)",
+    "checkpoint_every": "steps between checkpoints",
+    "device": "cpu, cuda or cuda:N",
+    "amp": "bfloat16 autocast on CUDA",
+    "cpu_amp": "bfloat16 autocast on the CPU: about 2x faster where the CPU has bfloat16 "
+               "instructions (AVX512-BF16, AMX, Arm BF16), much slower where it has not",
+    "channels_last": "channels-last memory format for the networks and images",
+}  # fmt: skip
 
 
 # Defaults that suit each shipped example; any field given explicitly wins over these.
