@@ -24,6 +24,7 @@ from dfkd_fast.distill import (
     distill,
     preset_config,
 )
+from dfkd_fast.devices import available_device
 from dfkd_fast.host_memory import retain_freed_host_memory
 from dfkd_fast.io import ensure_writable_dir
 from dfkd_fast.models import CLASSIFIERS, build_classifier
@@ -166,6 +167,7 @@ def _load_split(dataset: str, folder: Path | None, split: str, arch: str):
 
 def train_teacher_command(arguments: dict) -> int:
     config = TrainConfig(**_given(arguments, TrainConfig))
+    available_device(config.device, "--device")
     dataset, arch = arguments["dataset"], arguments["arch"]
     train = _load_split(dataset, arguments["data_dir"], "train", arch)
     test = _load_split(dataset, arguments["data_dir"], "test", arch)
@@ -216,7 +218,8 @@ def _teacher(arguments: dict):
 
 
 def distill_command(arguments: dict) -> int:
-    DistillConfig(**_given(arguments, DistillConfig))  # bad values fail before any work
+    given = DistillConfig(**_given(arguments, DistillConfig))  # bad values fail before any work
+    available_device(given.device, "--device")
     teacher, info, test = _teacher(arguments)
     method = arguments["method"] or DistillConfig.method
     preset = arguments["preset"] or (info.dataset if info.dataset in PRESETS else None)

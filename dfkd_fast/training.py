@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dfkd_fast.data import ImageSet
+from dfkd_fast.devices import available_device, check_device_name
 from dfkd_fast.io import atomic_torch_save, load_checkpoint
 from dfkd_fast.models import build_classifier, strip_prefix
 from dfkd_fast.stopping import RunStopped, deferred_stop_signals
@@ -47,6 +48,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not self.lr > 0 or not self.weight_decay >= 0 or self.max_shift < 0:
             raise ValueError("lr must be > 0, weight_decay and max_shift >= 0")
+        check_device_name(self.device)
 
 
 TRAIN_FIELD_HELP = {
@@ -116,7 +118,7 @@ def train_classifier(
     :class:`~dfkd_fast.stopping.RunStopped` is raised); ``resume=True`` continues from it to the
     same weights. A checkpoint found without ``resume`` is refused, not overwritten. It is left
     in place when training ends, marked finished: delete it once the model is saved."""
-    device = torch.device(config.device)
+    device = available_device(config.device)
     model.to(device).train()
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9,

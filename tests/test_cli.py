@@ -149,6 +149,12 @@ def test_cli_errors_are_messages(tmp_path, capsys):
     assert "steps must be >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["distill", "--method", "dfad"])
+    missing = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+    for command in (["distill", "--output-dir", str(tmp_path / "y")],
+                    ["train-teacher", "--dataset", "digits", "--arch", "cnn8"]):  # fmt: skip
+        assert main([*command, "--device", missing]) == 2
+        assert f"--device '{missing}'" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()  # refused before the digits teacher was trained
 
 
 def test_cli_keeps_freed_host_memory_before_any_command(tmp_path, monkeypatch):

@@ -573,11 +573,22 @@ def test_robustness_statistics_of_a_known_curve():
         (dict(bn_weight="1"), TypeError), (dict(student_ema=1.0), ValueError),
         (dict(max_shift=-1), ValueError), (dict(seed=-1), ValueError),
         (dict(vae_prior_decay=1.0), ValueError), (dict(vae_fitted_prior=1), TypeError),
+        (dict(device="mps"), ValueError), (dict(device="cuda:x"), ValueError),
+        (dict(device=0), TypeError),
     ],
 )  # fmt: skip
 def test_config_rejects_bad_values(overrides, error):
     with pytest.raises(error):
         DistillConfig(**overrides)
+
+
+def test_a_device_this_machine_lacks_is_refused_by_name_before_any_work(tmp_path):
+    missing = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+    teacher, student = networks()
+    with pytest.raises(ValueError, match=f"config.device '{missing}': (no CUDA device|this machine)"):
+        distill(teacher, student, DistillConfig(device=missing, **TINY), IMAGE_SHAPE,
+                output_dir=tmp_path / "run", progress=False)  # fmt: skip
+    assert not (tmp_path / "run").exists()
 
 
 def test_config_round_trips_and_presets_apply():

@@ -7,6 +7,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from dfkd_fast.devices import check_device_name
 from dfkd_fast.unlabeled.sampling import POLICIES
 from dfkd_fast.unlabeled.scores import SCORES
 
@@ -100,6 +101,7 @@ class DistillConfig:
                     raise TypeError(f"{field.name} must be a number, got {value!r}")
                 if not math.isfinite(value) or value < 0:
                     raise ValueError(f"{field.name} must be finite and >= 0, got {value!r}")
+        check_device_name(self.device)
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
         if self.policy not in POLICIES:

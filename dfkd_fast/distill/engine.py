@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from dfkd_fast.backend import cpu_has_bfloat16_instructions
 from dfkd_fast.data import ImageSet
+from dfkd_fast.devices import available_device
 from dfkd_fast.distill import report
 from dfkd_fast.distill.averaging import WeightAverage
 from dfkd_fast.distill.config import DistillConfig
@@ -316,6 +317,7 @@ def distill(
     """
     if not isinstance(config, DistillConfig):
         raise TypeError(f"config must be a DistillConfig, got {type(config).__name__}")
+    available_device(config.device, "config.device")
     num_classes = check_networks(teacher, student, image_shape)
     if test_set is not None and test_set.num_classes != num_classes:
         raise ValueError(

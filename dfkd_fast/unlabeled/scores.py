@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dfkd_fast.devices import available_device
 from dfkd_fast.hooks import batchnorm_layers
 from dfkd_fast.io import atomic_torch_save, load_checkpoint
 from dfkd_fast.ops.bn_stats import bn_stats
@@ -156,6 +157,7 @@ def score_collection(teacher: nn.Module, collection, score: str = "msp", batch_s
         raise ValueError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = available_device(device)
     cache_path = None
     if cache_dir is not None:
         key = f"{collection.fingerprint()}-{_teacher_digest(teacher)}-{score}"
