@@ -194,8 +194,12 @@ def _teacher(arguments: dict):
     if arguments["teacher"] is None:
         from dfkd_fast.examples import digits_teacher
 
-        path = Path(arguments["output_dir"] or "runs") / "digits-teacher.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        misplaced = [flag for flag in ("test_data", "teacher_arch", "dataset") if arguments[flag]]
+        if misplaced:
+            flags = ", ".join("--" + flag.replace("_", "-") for flag in misplaced)
+            raise UsageError(f"{flags}: only with --teacher (without it, the digits teacher is "
+                             "evaluated on the held-out digits)")  # fmt: skip
+        path = ensure_writable_dir(arguments["output_dir"] or "runs") / "digits-teacher.pt"
         teacher, info, test = digits_teacher(path, progress=not arguments["quiet"])
         print(f"teacher: {info.arch} on the digits, {info.test_accuracy:.2%} test accuracy ({path})")
         return teacher, info, test
@@ -211,6 +215,9 @@ def _teacher(arguments: dict):
         given = ClassifierInfo(arguments["teacher_arch"], 10, (len(mean), size, size), mean, std,
                                dataset)  # fmt: skip
     teacher, info = load_classifier(arguments["teacher"], given)
+    if given is not None and (given.arch, given.dataset) != (info.arch, info.dataset):
+        raise UsageError(f"--teacher-arch and --dataset are for a bare state dict; "
+                         f"{arguments['teacher']} records its own: {info.arch} on {info.dataset}")  # fmt: skip
     test = None
     if arguments["test_data"] is not None:
         test = _load_split(info.dataset, arguments["test_data"], "test", info.arch)

@@ -240,8 +240,28 @@ def load_classifier(
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as error:
-        raise ValueError(f"{str(path)!r} does not fit a {info.arch}: {error}") from None
+        misfit = state_dict_misfit(model.state_dict(), state_dict) or error
+        raise ValueError(f"{str(path)!r} does not hold a {info.arch}: {misfit}") from None
     return model.eval(), info
+
+
+def state_dict_misfit(expected: dict, given: dict, examples: int = 3) -> str:
+    """How `given` differs from the state dict `expected` (missing and unexpected names, shapes
+    that differ), a few examples of each; empty when it fits. BatchNorm's num_batches_tracked
+    may be missing (older checkpoints lack it, and load_state_dict accepts that)."""
+    missing = [name for name in expected
+               if name not in given and not name.endswith("num_batches_tracked")]  # fmt: skip
+    unexpected = [name for name in given if name not in expected]
+    reshaped = [f"{name} {tuple(given[name].shape)} for {tuple(expected[name].shape)}"
+                for name in expected if name in given and hasattr(given[name], "shape")
+                and given[name].shape != expected[name].shape]  # fmt: skip
+    parts = []
+    for what, names in (("missing", missing), ("unexpected", unexpected),
+                        ("of another shape", reshaped)):  # fmt: skip
+        if names:
+            more = f", ... ({len(names)} in all)" if len(names) > examples else ""
+            parts.append(f"{what}: {', '.join(names[:examples])}{more}")
+    return "; ".join(parts)
 
 
 def checkpoint_name(arch: str, dataset: str) -> str:

@@ -155,6 +155,17 @@ def test_cli_errors_are_messages(tmp_path, capsys):
         assert main([*command, "--device", missing]) == 2
         assert f"--device '{missing}'" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()  # refused before the digits teacher was trained
+    assert main(["distill", "--test-data", str(tmp_path), "--output-dir", str(tmp_path / "z")]) == 2
+    assert "--test-data: only with --teacher" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert main(["distill", "--output-dir", str(tmp_path / "file" / "run")]) == 2
+    assert "output directory" in capsys.readouterr().err
+    teacher = tmp_path / "teacher.pt"
+    assert main(["train-teacher", "--dataset", "digits", "--arch", "cnn8", "--epochs", "1",
+                 "--output", str(teacher), "--quiet"]) == 0  # fmt: skip
+    assert main(["distill", "--teacher", str(teacher), "--teacher-arch", "cnn16", "--dataset",
+                 "digits", "--output-dir", str(tmp_path / "w")]) == 2  # fmt: skip
+    assert "records its own: cnn8 on digits" in capsys.readouterr().err
 
 
 def test_cli_keeps_freed_host_memory_before_any_command(tmp_path, monkeypatch):

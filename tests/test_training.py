@@ -12,7 +12,7 @@ from dfkd_fast.data import ImageSet
 from dfkd_fast.io import load_checkpoint
 from dfkd_fast.models import small_cnn
 from dfkd_fast.stopping import RunStopped
-from dfkd_fast.training import TrainConfig, train_classifier
+from dfkd_fast.training import ClassifierInfo, TrainConfig, load_classifier, train_classifier
 from tests.conftest import needs_the_main_thread, same_state
 
 CONFIG = TrainConfig(epochs=3, batch_size=16, lr=0.05, max_shift=1, seed=4)
@@ -121,3 +121,22 @@ def test_checkpoints_that_cannot_be_resumed_are_refused_and_kept(tmp_path):
     torch.save({"weights": torch.zeros(2)}, foreign)
     with pytest.raises(ValueError, match="not a dfkd-fast training checkpoint"):
         train(foreign, resume=True)
+
+
+def test_a_state_dict_of_another_architecture_is_refused_with_a_short_account(tmp_path):
+    info = ClassifierInfo("cnn8", 10, (1, 8, 8), (0.0,), (1.0,))
+    path = tmp_path / "bare.pt"
+    torch.save({"state_dict": small_cnn(2).state_dict()}, path)
+    with pytest.raises(ValueError, match=r"does not hold a cnn8: of another shape: "
+                       r"0\.weight \(2, 1, 3, 3\) for \(8, 1, 3, 3\), .*\(19 in all\)$"):  # fmt: skip
+        load_classifier(path, info)
+    state = small_cnn(8).state_dict()
+    state["extra.weight"] = state.pop("0.weight")
+    del state["1.num_batches_tracked"]  # older checkpoints lack it: not reported
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"cnn8: missing: 0\.weight; unexpected: extra\.weight$"):
+        load_classifier(path, info)
+    del state["extra.weight"]
+    state["0.weight"] = small_cnn(8).state_dict()["0.weight"]
+    torch.save(state, path)
+    assert load_classifier(path, info)[1] == info
