@@ -389,6 +389,13 @@ def test_bad_networks_and_shapes_are_refused():
         wrong = held_out()
         wrong.num_classes = 3
         distill(teacher, small_cnn(2), DistillConfig(**TINY), IMAGE_SHAPE, test_set=wrong)
+    colour = ImageSet(torch.zeros(4, 3, 8, 8), torch.zeros(4, dtype=torch.long), (0.0,) * 3,
+                      (1.0,) * 3, 10)  # fmt: skip
+    with pytest.raises(ValueError, match=r"test_set holds images of shape \(3, 8, 8\), the "
+                       r"teacher takes \(1, 8, 8\)"):  # fmt: skip
+        distill(teacher, small_cnn(2), DistillConfig(**TINY), IMAGE_SHAPE, test_set=colour)
+    with pytest.raises(TypeError, match="test_set must be a dfkd_fast.data.ImageSet"):
+        distill(teacher, small_cnn(2), DistillConfig(**TINY), IMAGE_SHAPE, test_set=[1, 2])
 
 
 class NoBatchNorm(nn.Module):

@@ -319,11 +319,17 @@ def distill(
         raise TypeError(f"config must be a DistillConfig, got {type(config).__name__}")
     available_device(config.device, "config.device")
     num_classes = check_networks(teacher, student, image_shape)
-    if test_set is not None and test_set.num_classes != num_classes:
-        raise ValueError(
-            f"test_set has {test_set.num_classes} classes, the teacher {num_classes}"
-        )
     image_shape = tuple(image_shape)
+    if test_set is not None:
+        if not isinstance(test_set, ImageSet):
+            raise TypeError(f"test_set must be a dfkd_fast.data.ImageSet, got "
+                            f"{type(test_set).__name__}")  # fmt: skip
+        if test_set.num_classes != num_classes:
+            raise ValueError(f"test_set has {test_set.num_classes} classes, the teacher "
+                             f"{num_classes}")  # fmt: skip
+        if tuple(test_set.images.shape[1:]) != image_shape:
+            raise ValueError(f"test_set holds images of shape {tuple(test_set.images.shape[1:])}, "
+                             f"the teacher takes {image_shape}")  # fmt: skip
     if not config.data_free:
         _check_collection(collection, image_shape, config)
     elif collection is not None:
