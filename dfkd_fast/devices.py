@@ -12,16 +12,18 @@ DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
 
 
 def check_device_name(device, name: str = "device") -> None:
-    """A ValueError naming `name` unless `device` is 'cpu', 'cuda' or 'cuda:N'."""
-    if not isinstance(device, (str, torch.device)):
+    """A TypeError or ValueError naming `name` unless `device` is the str 'cpu', 'cuda' or
+    'cuda:N' (configs hold the name, so that they stay plain data)."""
+    if not isinstance(device, str):
         raise TypeError(f"{name} must be a str such as 'cpu' or 'cuda:0', got {device!r}")
-    if not DEVICE_PATTERN.fullmatch(str(device)):
-        raise ValueError(f"{name} must be cpu, cuda or cuda:N, got {str(device)!r}")
+    if not DEVICE_PATTERN.fullmatch(device):
+        raise ValueError(f"{name} must be cpu, cuda or cuda:N, got {device!r}")
 
 
 def available_device(device, name: str = "device") -> torch.device:
-    """`device` as a torch.device, after checking that this machine has it."""
-    check_device_name(device, name)
+    """`device` (a name or a torch.device) as a torch.device, after checking that this machine
+    has it."""
+    check_device_name(str(device) if isinstance(device, torch.device) else device, name)
     device = torch.device(device)
     if device.type == "cuda":
         if not torch.cuda.is_available():

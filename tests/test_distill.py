@@ -581,7 +581,7 @@ def test_robustness_statistics_of_a_known_curve():
         (dict(max_shift=-1), ValueError), (dict(seed=-1), ValueError),
         (dict(vae_prior_decay=1.0), ValueError), (dict(vae_fitted_prior=1), TypeError),
         (dict(device="mps"), ValueError), (dict(device="cuda:x"), ValueError),
-        (dict(device=0), TypeError),
+        (dict(device=0), TypeError), (dict(device=torch.device("cpu")), TypeError),
     ],
 )  # fmt: skip
 def test_config_rejects_bad_values(overrides, error):

@@ -27,11 +27,11 @@ from dfkd_fast.distill.averaging import WeightAverage
 from dfkd_fast.distill.config import DistillConfig
 from dfkd_fast.distill.replay import GenerativeReplay, MemoryBank
 from dfkd_fast.distill.steps import STEP_FUNCTIONS
-from dfkd_fast.stopping import RunStopped, deferred_stop_signals
 from dfkd_fast.distill.streams import REPLAY_STREAM, SAMPLER_STREAM, stream_seed
 from dfkd_fast.hooks import BNStatHooks, PenultimateFeatures, batchnorm_layers
 from dfkd_fast.io import atomic_torch_save, ensure_writable_dir, load_checkpoint
 from dfkd_fast.models.generator import Generator, check_image_shape
+from dfkd_fast.stopping import RunStopped, deferred_stop_signals
 from dfkd_fast.training import accuracy
 from dfkd_fast.unlabeled.collection import Collection
 from dfkd_fast.unlabeled.sampling import RelatednessSampler
