@@ -151,7 +151,8 @@ def _load_files(folder: Path, files: tuple[str, ...]) -> tuple[torch.Tensor, tor
     paths = [folder / name for name in files]
     for path in paths:
         if not path.exists():
-            raise FileNotFoundError(f"{str(path)!r} not found")
+            raise FileNotFoundError(f"{str(path)!r} not found (this split of the data set is "
+                                    f"{', '.join(files)} in its folder)")  # fmt: skip
     if len(paths) == 2:
         images, labels = load_idx_images(paths[0]), load_idx_labels(paths[1])
     else:
