@@ -238,6 +238,16 @@ def check_networks(teacher, student, image_shape) -> int:
     return sizes["teacher"]
 
 
+def _check_test_set(test_set, image_shape, num_classes: int) -> None:
+    if not isinstance(test_set, ImageSet):
+        raise TypeError(f"test_set must be a dfkd_fast.data.ImageSet, got {type(test_set).__name__}")
+    if test_set.num_classes != num_classes:
+        raise ValueError(f"test_set has {test_set.num_classes} classes, the teacher {num_classes}")
+    if test_set.image_shape != image_shape:
+        raise ValueError(f"test_set holds images of shape {test_set.image_shape}, the teacher "
+                         f"takes {image_shape}")  # fmt: skip
+
+
 def _check_collection(collection, image_shape, config: DistillConfig) -> None:
     if collection is None:
         raise ValueError(f"method {config.method!r} needs a collection of unlabeled samples")
@@ -321,15 +331,7 @@ def distill(
     num_classes = check_networks(teacher, student, image_shape)
     image_shape = tuple(image_shape)
     if test_set is not None:
-        if not isinstance(test_set, ImageSet):
-            raise TypeError(f"test_set must be a dfkd_fast.data.ImageSet, got "
-                            f"{type(test_set).__name__}")  # fmt: skip
-        if test_set.num_classes != num_classes:
-            raise ValueError(f"test_set has {test_set.num_classes} classes, the teacher "
-                             f"{num_classes}")  # fmt: skip
-        if tuple(test_set.images.shape[1:]) != image_shape:
-            raise ValueError(f"test_set holds images of shape {tuple(test_set.images.shape[1:])}, "
-                             f"the teacher takes {image_shape}")  # fmt: skip
+        _check_test_set(test_set, image_shape, num_classes)
     if not config.data_free:
         _check_collection(collection, image_shape, config)
     elif collection is not None:
