@@ -300,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dfkd-fast {command}: {stopped}; the same command with --resume continues it",
               file=sys.stderr)  # fmt: skip
         return stopped.exit_code
+    except KeyboardInterrupt:
+        print(f"dfkd-fast {command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -168,6 +168,16 @@ def test_cli_errors_are_messages(tmp_path, capsys):
     assert "records its own: cnn8 on digits" in capsys.readouterr().err
 
 
+def test_an_interrupt_outside_a_run_is_a_message_and_the_shells_exit_code(monkeypatch, capsys):
+    def interrupted(arguments):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "compare", interrupted)
+    assert main(["compare", "anything"]) == 130
+    error = capsys.readouterr().err
+    assert "dfkd-fast compare: interrupted" in error and "Traceback" not in error
+
+
 def test_cli_keeps_freed_host_memory_before_any_command(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(cli, "retain_freed_host_memory", lambda: calls.append("retained"))
