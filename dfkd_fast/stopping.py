@@ -15,10 +15,12 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class RunStopped(KeyboardInterrupt):
-    """A run stopped by a signal after finishing its step `step`, its state in `checkpoint`."""
+    """A run stopped by a signal after finishing its step `step` (or the `unit` it counts in), its
+    state in `checkpoint`."""
 
-    def __init__(self, signal_name: str, step: int, steps: int, checkpoint: Path):
-        super().__init__(f"stopped by {signal_name} after step {step} of {steps}; "
+    def __init__(self, signal_name: str, step: int, steps: int, checkpoint: Path,
+                 unit: str = "step"):  # fmt: skip
+        super().__init__(f"stopped by {signal_name} after {unit} {step} of {steps}; "
                          f"checkpoint: {checkpoint}")  # fmt: skip
         self.signal_name = signal_name
         self.step = step

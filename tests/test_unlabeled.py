@@ -3,12 +3,15 @@ policies, mixing, caching, and the bad inputs."""
 
 from __future__ import annotations
 
+import signal
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dfkd_fast.distill import DistillConfig, distill
+from dfkd_fast.distill import DistillConfig, RunStopped, distill
+from dfkd_fast.io import load_checkpoint
 from dfkd_fast.models import cifar_resnet, small_cnn
 from dfkd_fast.unlabeled import (
     Collection,
@@ -19,9 +22,11 @@ from dfkd_fast.unlabeled import (
     score_collection,
     source_from_spec,
 )
+from dfkd_fast.unlabeled import scores as scores_module
 from dfkd_fast.unlabeled.scores import SCORES, BNTypicality, energy, msp, negative_entropy
 from dfkd_fast.unlabeled.sampling import balance_classes, base_weights
 
+from .conftest import needs_the_main_thread
 from .shared import shared_path
 
 
@@ -158,6 +163,64 @@ def test_score_collection_is_batched_cached_and_in_index_order(tmp_path, score, 
     monkeypatch.setattr(teacher, "forward", lambda x: (_ for _ in ()).throw(AssertionError))
     cached = score_collection(teacher, collection, score, cache_dir=tmp_path, progress=False)
     assert torch.equal(cached.scores, scored.scores)
+
+
+def scoring_interrupted_at_batch(tmp_path, score, at_batch, action):
+    """Scores a 17-sample collection in batches of 4 into tmp_path, `action()` running before the
+    teacher's at_batch-th forward; returns (teacher, collection, what was raised)."""
+    torch.manual_seed(0)
+    teacher = small_cnn(4).eval()
+    collection = Collection([noise_source(11, (1, 8, 8)), Source("other", uint8_images(6, 1, 8))],
+                            (1, 8, 8), (0.5,), (0.25,))  # fmt: skip
+    calls = [0]
+
+    def before_forward(module, inputs):
+        calls[0] += 1
+        if calls[0] == at_batch:
+            action()
+
+    hook = teacher.register_forward_pre_hook(before_forward)
+    try:
+        score_collection(teacher, collection, score, batch_size=4, cache_dir=tmp_path,
+                         progress=False)  # fmt: skip
+        raised = None
+    except (RuntimeError, KeyboardInterrupt) as error:
+        raised = error
+    hook.remove()
+    return teacher, collection, raised
+
+
+@pytest.mark.parametrize("score", ["energy", "energy+bn-typicality"])
+def test_scoring_stopped_by_a_signal_goes_on_from_the_batches_scored(tmp_path, score):
+    needs_the_main_thread()
+    expected = score_collection(*scoring_interrupted_at_batch(tmp_path / "a", score, 0, None)[:2],
+                                score, batch_size=4, progress=False)  # fmt: skip
+    calibration = 0 if score == "energy" else 1  # BN typicality first calibrates on noise
+    teacher, collection, stopped = scoring_interrupted_at_batch(
+        tmp_path / "b", score, 2 + calibration, lambda: signal.raise_signal(signal.SIGINT))
+    assert isinstance(stopped, RunStopped) and "after sample 8 of 17" in str(stopped)
+    assert stopped.checkpoint.name.endswith(".partial.pt")
+    assert len(load_checkpoint(stopped.checkpoint)["scores"]) == 8
+    forwards = [0]
+    teacher.register_forward_pre_hook(lambda module, inputs: forwards.__setitem__(0, forwards[0] + 1))
+    resumed = score_collection(teacher, collection, score, batch_size=4, cache_dir=tmp_path / "b",
+                               progress=False)  # fmt: skip
+    assert forwards[0] == 3 + calibration  # the 3 batches left
+    torch.testing.assert_close(resumed.scores, expected.scores, rtol=0, atol=1e-6)
+    torch.testing.assert_close(resumed.teacher_logits, expected.teacher_logits, rtol=0, atol=1e-6)
+    assert not stopped.checkpoint.exists()
+
+
+def test_scoring_keeps_its_batches_every_so_often_so_a_crash_loses_few(tmp_path, monkeypatch):
+    monkeypatch.setattr(scores_module, "PARTIAL_EVERY_BATCHES", 2)
+
+    def crash():
+        raise RuntimeError("simulated crash")
+
+    _, _, raised = scoring_interrupted_at_batch(tmp_path, "msp", 4, crash)
+    assert isinstance(raised, RuntimeError)
+    (partial,) = tmp_path.glob("scores-*.partial.pt")
+    assert len(load_checkpoint(partial)["scores"]) == 8  # batches 1-2 kept, the 3rd lost
 
 
 def test_energy_plus_bn_typicality_adds_the_standardised_scores():

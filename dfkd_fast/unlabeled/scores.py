@@ -29,6 +29,7 @@ from dfkd_fast.devices import available_device
 from dfkd_fast.hooks import batchnorm_layers
 from dfkd_fast.io import atomic_torch_save, load_checkpoint
 from dfkd_fast.ops.bn_stats import bn_stats
+from dfkd_fast.stopping import RunStopped, deferred_stop_signals
 
 ODIN_TEMPERATURE = 1000.0
 ODIN_STEP = 0.0014
@@ -127,6 +128,7 @@ def energy_plus_bn_typicality(logits: torch.Tensor, typicality: torch.Tensor) ->
 SCORES = ("msp", "entropy", "energy", "odin", "bn-typicality", "energy+bn-typicality")
 _USES_BN_TYPICALITY = ("bn-typicality", "energy+bn-typicality")
 _FROM_LOGITS = {"msp": msp, "entropy": negative_entropy, "energy": energy}
+PARTIAL_EVERY_BATCHES = 50  # how often the scores so far are kept, so a crash loses at most these
 
 
 @dataclass
@@ -152,41 +154,64 @@ def score_collection(teacher: nn.Module, collection, score: str = "msp", batch_s
                      device="cpu", cache_dir: str | os.PathLike | None = None,
                      progress: bool = True) -> ScoredCollection:  # fmt: skip
     """Scores and teacher logits of every sample of `collection`, in index order; with
-    `cache_dir`, reused when the same teacher has scored the same collection before."""
+    `cache_dir`, reused when the same teacher has scored the same collection before.
+
+    With `cache_dir`, the batches scored so far are also kept there (every
+    ``PARTIAL_EVERY_BATCHES`` batches and, on SIGINT or SIGTERM, after the batch under way, which
+    then raises :class:`~dfkd_fast.stopping.RunStopped`), and a later call goes on from them."""
     if score not in SCORES:
         raise ValueError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = available_device(device)
-    cache_path = None
+    cache_path = partial_path = None
+    scores, logits, first = [], [], 0
     if cache_dir is not None:
         key = f"{collection.fingerprint()}-{_teacher_digest(teacher)}-{score}"
         cache_path = Path(cache_dir) / f"scores-{key}.pt"
+        partial_path = Path(cache_dir) / f"scores-{key}.partial.pt"
         if cache_path.exists():
             cached = load_checkpoint(cache_path)
             return ScoredCollection(cached["scores"], cached["teacher_logits"], score)
+        if partial_path.exists():
+            partial = load_checkpoint(partial_path)
+            scores, logits = [partial["scores"]], [partial["teacher_logits"]]
+            first = len(partial["scores"])
     teacher = teacher.to(device).eval()
     typicality = None
     if score in _USES_BN_TYPICALITY:
         typicality = BNTypicality(teacher)
         calibration = torch.Generator().manual_seed(NOISE_CALIBRATION_SEED)
         typicality.calibrate(collection.image_shape, device, calibration)
-    scores, logits = [], []
-    starts = range(0, len(collection), batch_size)
-    for start in tqdm(starts, desc=f"scoring ({score})", unit="batch", disable=not progress):
-        images = collection.batch(torch.arange(start, min(start + batch_size, len(collection))))
-        images = images.to(device)
-        if score == "odin":
-            with torch.enable_grad():
-                batch_scores, batch_logits = odin(teacher, images)
-        elif typicality is not None:
-            batch_scores, batch_logits = typicality(images)
-        else:
-            with torch.no_grad():
-                batch_logits = teacher(images)
-            batch_scores = _FROM_LOGITS[score](batch_logits)
-        scores.append(batch_scores.float().cpu())
-        logits.append(batch_logits.float().cpu())
+
+    def save_partial() -> None:
+        partial_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(partial_path, {"scores": torch.cat(scores),
+                                         "teacher_logits": torch.cat(logits)})  # fmt: skip
+
+    starts = range(first, len(collection), batch_size)
+    bar = tqdm(starts, desc=f"scoring ({score})", unit="batch", disable=not progress)
+    with deferred_stop_signals(partial_path is not None) as stop_signal:
+        for batch_number, start in enumerate(bar, 1):
+            end = min(start + batch_size, len(collection))
+            images = collection.batch(torch.arange(start, end)).to(device)
+            if score == "odin":
+                with torch.enable_grad():
+                    batch_scores, batch_logits = odin(teacher, images)
+            elif typicality is not None:
+                batch_scores, batch_logits = typicality(images)
+            else:
+                with torch.no_grad():
+                    batch_logits = teacher(images)
+                batch_scores = _FROM_LOGITS[score](batch_logits)
+            scores.append(batch_scores.float().cpu())
+            logits.append(batch_logits.float().cpu())
+            stopped_by = stop_signal() if end < len(collection) else None
+            if partial_path is not None and (stopped_by or batch_number % PARTIAL_EVERY_BATCHES == 0):
+                save_partial()
+            if stopped_by:
+                bar.close()
+                raise RunStopped(stopped_by, end, len(collection), partial_path, unit="sample")
     scores, logits = torch.cat(scores), torch.cat(logits)
     if score == "energy+bn-typicality":
         scores = energy_plus_bn_typicality(logits, scores)
@@ -195,4 +220,5 @@ def score_collection(teacher: nn.Module, collection, score: str = "msp", batch_s
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_torch_save(cache_path, {"scores": result.scores,
                                        "teacher_logits": result.teacher_logits})  # fmt: skip
+        partial_path.unlink(missing_ok=True)
     return result
