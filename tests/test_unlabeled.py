@@ -102,6 +102,8 @@ def test_sources_from_files_and_specs(tmp_path):
     assert len(subset) == 3 and subset.name == "extra@0.3"
     noise = source_from_spec("noise:7", (3, 8, 8))
     assert noise.images.shape == (7, 3, 8, 8)
+    with pytest.raises(ValueError, match="needs the data set's folder: 'kmnist:FOLDER'"):
+        source_from_spec("kmnist", (1, 8, 8))
 
 
 def test_fashion_mnist_source_reads_the_shared_files():

@@ -142,6 +142,8 @@ def _whole_source(spec: str, image_shape) -> Source:
         return noise_source(int(argument), image_shape)
     if kind in DATASETS and argument:
         return dataset_source(kind, argument)
+    if kind in DATASETS and not Path(spec).exists():
+        raise ValueError(f"source {spec!r} needs the data set's folder: '{kind}:FOLDER'")
     return file_source(spec)
 
 
