@@ -16,25 +16,22 @@ import torch
 
 import dfkd_fast
 from dfkd_fast.distill import preset_config
-from harness import describe, random_networks_run, synchronize
+from harness import describe, preset_run, random_networks_run, synchronize
 
-# name -> (teacher, student, image shape, preset, batch size on CPU, on CUDA)
-WORKLOADS = {
-    "mnist-lenet5": ("lenet5", "lenet5_half", (1, 32, 32), "mnist", 256, 256),
-    "cifar10-resnet56": ("resnet56", "resnet20", (3, 32, 32), "cifar10", 32, 256),
-}
+# name -> (preset, batch size on CPU, on CUDA)
+WORKLOADS = {"mnist-lenet5": ("mnist", 256, 256), "cifar10-resnet56": ("cifar10", 32, 256)}
 
 
 @pytest.mark.parametrize("workload", list(WORKLOADS))
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 @pytest.mark.parametrize("implementation", ["reference", "dfkd_fast"])
 def test_pre_dfkd_step(benchmark, device, implementation, precision, workload):
-    teacher_arch, student_arch, image_shape, preset, cpu_batch, cuda_batch = WORKLOADS[workload]
+    preset, cpu_batch, cuda_batch = WORKLOADS[workload]
     batch_size = cpu_batch if device == "cpu" else cuda_batch
     mixed = precision == "bfloat16"
-    config = preset_config(preset, method="pre-dfkd", batch_size=batch_size, student_steps=2,
-                           replay_start=0.0, device=device, amp=mixed, cpu_amp=mixed)  # fmt: skip
-    run = random_networks_run(config, teacher_arch, student_arch, image_shape)
+    run = preset_run(preset, method="pre-dfkd", batch_size=batch_size, student_steps=2,
+                     device=device, amp=mixed, cpu_amp=mixed)  # fmt: skip
+    config = run.config
     backend = "reference" if implementation == "reference" else "auto"
 
     def step():

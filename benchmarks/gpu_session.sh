@@ -2,6 +2,9 @@
 # Everything the GPU numbers in docs/ come from, in stages that each fit a 10-minute command:
 #   bash benchmarks/gpu_session.sh check       build the CUDA extension, run the test suite, smoke runs
 #   bash benchmarks/gpu_session.sh ops         op and end-to-end step benchmarks (pytest-benchmark JSON)
+#   bash benchmarks/gpu_session.sh profile     where the cifar10 step's time goes: its parts, top kernels,
+#                                              device busy fraction, synchronising calls; channels_last
+#                                              and cuDNN autotuning against the preset
 #   bash benchmarks/gpu_session.sh cifar10     data-free pre-dfkd, ResNet-56 -> ResNet-20
 #   bash benchmarks/gpu_session.sh unlabeled   unlabeled collection, uniform vs related sampling
 # Several stages may be given at once. BENCH_OPS picks the op suites (kd_div alone took 3.5 minutes
@@ -83,6 +86,26 @@ stage_ops() {
     collected+=("$out/benchmarks.log" benchmarks/results/*-"$(slug)".json)
 }
 
+stage_profile() {
+    ensure_built || return 1
+    local tag
+    tag="$(slug)"
+    log "profile of the cifar10 pre-dfkd step"
+    timeout 240 python3 benchmarks/profile_step.py --preset cifar10 --device cuda \
+        --json "benchmarks/results/profile-cifar10-$tag.json" >"$out/profile.log" 2>&1
+    log "profile exit $?"
+    timeout 120 python3 benchmarks/profile_step.py --preset cifar10 --device cuda --cudnn-benchmark \
+        --top 5 --json "benchmarks/results/profile-cifar10-cudnn-benchmark-$tag.json" >>"$out/profile.log" 2>&1
+    log "profile with cuDNN autotuning exit $?"
+    timeout 180 python3 benchmarks/step_configs.py --preset cifar10 --device cuda --field channels_last \
+        --values false true --blocks 4 --json "benchmarks/results/step-channels-last-cifar10-$tag.json" \
+        >>"$out/profile.log" 2>&1
+    log "channels_last exit $?"
+    grep -E "ms per step|busy|synchronising" "$out/profile.log" | tee -a "$out/session.log"
+    collected+=("$out/profile.log" benchmarks/results/profile-cifar10-*"$tag".json
+                "benchmarks/results/step-channels-last-cifar10-$tag.json")
+}
+
 stage_cifar10() {
     ensure_built || return 1
     local tag probe steps
@@ -120,8 +143,8 @@ stage_unlabeled() {
 
 for stage in "$@"; do
     case "$stage" in
-        check | ops | cifar10 | unlabeled) "stage_$stage" || log "stage $stage failed" ;;
-        *) echo "unknown stage $stage (check, ops, cifar10, unlabeled)" >&2; exit 2 ;;
+        check | profile | ops | cifar10 | unlabeled) "stage_$stage" || log "stage $stage failed" ;;
+        *) echo "unknown stage $stage (check, profile, ops, cifar10, unlabeled)" >&2; exit 2 ;;
     esac
 done
 existing=()

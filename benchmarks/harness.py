@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from dfkd_fast.distill import preset_config
 from dfkd_fast.distill.engine import Run
 from dfkd_fast.models import build_classifier
 
@@ -77,6 +78,20 @@ def random_networks_run(config, teacher_arch: str = "lenet5", student_arch: str 
     student = build_classifier(student_arch, 10, image_shape[0])
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in teacher.modules())
     return Run(teacher, student, config, image_shape, bn_layers=has_bn)
+
+
+# preset -> the networks and image shape of its workload (random weights cost what trained ones do)
+PRESET_NETWORKS = {
+    "mnist": ("lenet5", "lenet5_half", (1, 32, 32)),
+    "cifar10": ("resnet56", "resnet20", (3, 32, 32)),
+}
+
+
+def preset_run(preset: str, **overrides) -> Run:
+    """A run of the preset's networks, randomly initialised, with replay from the first step so
+    that every step of a replay method is a full one."""
+    config = preset_config(preset, **{"replay_start": 0.0, **overrides})
+    return random_networks_run(config, *PRESET_NETWORKS[preset])
 
 
 def interleaved_step_medians(steppers: dict, blocks: int, steps_per_block: int) -> dict:

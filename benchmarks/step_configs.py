@@ -1,10 +1,13 @@
-"""The pre-dfkd step of the `mnist` preset under other values of one config field, the variants
-taking turns in blocks within one process (see step_interleaved.py for why). Each variant is a
-separate run of randomly initialised networks with replay from the first step, so every timed
-step is a full one: generator update, VAE update, 5 student updates. Run:
+"""The pre-dfkd step of a preset (`mnist` unless told) under other values of one config field,
+the variants taking turns in blocks within one process (see step_interleaved.py for why). Each
+variant is a separate run of the preset's networks, randomly initialised, with replay from the
+first step, so every timed step is a full one: generator update, VAE update, the student
+updates. Run:
 
     python benchmarks/step_configs.py --field vae_batch_size --values 128 64 \
         --json benchmarks/results/step-vae-batch-cpu.json
+    python benchmarks/step_configs.py --preset cifar10 --device cuda --field channels_last \
+        --values false true
 """
 
 from __future__ import annotations
@@ -16,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from dfkd_fast.distill import DistillConfig, preset_config
+from dfkd_fast.distill import DistillConfig
 from dfkd_fast.host_memory import retain_freed_host_memory
-from harness import device_name, interleaved_step_medians, random_networks_run
+from harness import PRESET_NETWORKS, device_name, interleaved_step_medians, preset_run, synchronize
 
 
 def field_value(field: str, text: str):
@@ -26,19 +29,24 @@ def field_value(field: str, text: str):
     CLI converts it); a bool from 1/true/yes or anything else."""
     defaults = {f.name: f.default for f in dataclasses.fields(DistillConfig)}
     if field not in defaults:
-        raise ValueError(f"--field must name a DistillConfig field, got {field!r}")
+        raise ValueError(f"{field!r} is not a DistillConfig field")
     kind = type(defaults[field])
     return text.lower() in ("1", "true", "yes") if kind is bool else kind(text)
 
 
-def measure(field: str, values: list, blocks: int, steps_per_block: int) -> dict:
+def full_step(run) -> None:
+    run.step_function(run, run.config.steps)
+    synchronize(run.device.type)
+
+
+def measure(field: str, values: list, blocks: int, steps_per_block: int, preset: str = "mnist",
+            device: str = "cpu") -> dict:  # fmt: skip
     steppers = {}
     for value in values:
-        config = preset_config("mnist", method="pre-dfkd", replay_start=0.0, **{field: value})
-        run = random_networks_run(config)
+        run = preset_run(preset, method="pre-dfkd", device=device, **{field: value})
         for _ in range(3):
-            run.step_function(run, config.steps)
-        steppers[str(value)] = lambda run=run: run.step_function(run, run.config.steps)
+            full_step(run)
+        steppers[str(value)] = lambda run=run: full_step(run)
     medians = interleaved_step_medians(steppers, blocks, steps_per_block)
     baseline = medians[str(values[0])]
     return {"field": field, "median_ms": medians,
@@ -50,6 +58,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--field", required=True, help="a DistillConfig field, e.g. vae_batch_size")
     parser.add_argument("--values", nargs="+", required=True, help="the first is the baseline")
+    parser.add_argument("--preset", choices=sorted(PRESET_NETWORKS), default="mnist")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--blocks", type=int, default=10)
     parser.add_argument("--steps-per-block", type=int, default=3)
     parser.add_argument("--json", type=Path)
@@ -57,14 +67,19 @@ def main() -> None:
     if len(arguments.values) < 2:
         parser.error("--values needs at least two values to compare")
     retain_freed_host_memory()  # as the CLI does
-    values = [field_value(arguments.field, text) for text in arguments.values]
-    result = measure(arguments.field, values, arguments.blocks, arguments.steps_per_block)
+    try:
+        values = [field_value(arguments.field, text) for text in arguments.values]
+    except ValueError as error:
+        parser.error(f"--field: {error}")
+    result = measure(arguments.field, values, arguments.blocks, arguments.steps_per_block,
+                     arguments.preset, arguments.device)  # fmt: skip
     for name, ms in result["median_ms"].items():
         print(f"{arguments.field}={name}: {ms:.1f} ms per step, "
               f"{result['speedup_over_first'][name]:.3f}x the first")  # fmt: skip
     if arguments.json:
-        report = {"device": device_name("cpu"), "torch": torch.__version__,
-                  "workload": "mnist preset, pre-dfkd, lenet5 -> lenet5_half, batch 256",
+        teacher, student, _ = PRESET_NETWORKS[arguments.preset]
+        report = {"device": device_name(arguments.device), "torch": torch.__version__,
+                  "workload": f"{arguments.preset} preset, pre-dfkd, {teacher} -> {student}",
                   **result}  # fmt: skip
         arguments.json.write_text(json.dumps(report, indent=2) + "\n")
 

@@ -142,6 +142,12 @@ class Run:
     def penultimate_features(self):
         return self.feature_hooks if self.feature_hooks is not None else contextlib.nullcontext()
 
+    def phase(self, name: str):
+        """Marks a part of a step for torch.profiler (`generator update`, `replay update`,
+        `student batches`, `student update`, `sampler refresh`); benchmarks/profile_step.py
+        times each part."""
+        return torch.profiler.record_function(f"dfkd_fast.{name}")
+
     def kept_student(self) -> nn.Module:
         """The student evaluated and returned: the weight average, or the trained weights."""
         return self.student if self.student_average is None else self.student_average.network

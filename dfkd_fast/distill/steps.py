@@ -50,23 +50,25 @@ def generator_step(run) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Updates the generator; returns its (detached) images, the teacher's logits on them and
     the losses."""
     config = run.config
-    latent = sample_prior(config.batch_size, config.latent_dim, generator=run.rng, device=run.device)
-    run.student.requires_grad_(False)
-    with run.autocast():
-        images = run.generator(latent)
-        with run.bn_matching() as bn_matching, run.penultimate_features() as features:
-            teacher_logits = run.teacher(images)
-        student_logits = run.student(images)
-        bn_loss = bn_matching.loss() if bn_matching is not None else None
-        features = features.value if features is not None else None
-        loss, disagreement = generator_loss(teacher_logits, student_logits, bn_loss, features,
-                                            config)  # fmt: skip
-    run.generator_optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    run.generator_optimizer.step()
-    run.student.requires_grad_(True)
-    if bn_matching is not None and config.bn_momentum > 0:
-        bn_matching.update_ema()
+    with run.phase("generator update"):
+        latent = sample_prior(config.batch_size, config.latent_dim, generator=run.rng,
+                              device=run.device)  # fmt: skip
+        run.student.requires_grad_(False)
+        with run.autocast():
+            images = run.generator(latent)
+            with run.bn_matching() as bn_matching, run.penultimate_features() as features:
+                teacher_logits = run.teacher(images)
+            student_logits = run.student(images)
+            bn_loss = bn_matching.loss() if bn_matching is not None else None
+            features = features.value if features is not None else None
+            loss, disagreement = generator_loss(teacher_logits, student_logits, bn_loss, features,
+                                                config)  # fmt: skip
+        run.generator_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.generator_optimizer.step()
+        run.student.requires_grad_(True)
+        if bn_matching is not None and config.bn_momentum > 0:
+            bn_matching.update_ema()
     losses = {"generator": loss.detach(), "disagreement": disagreement.detach()}
     if bn_loss is not None:
         losses["bn"] = bn_loss.detach()
@@ -104,7 +106,7 @@ def student_batches(run, replay_count: int) -> tuple[torch.Tensor, torch.Tensor]
     each such forward."""
     config = run.config
     updates, fresh_count = config.student_steps, config.batch_size - replay_count
-    with torch.no_grad(), run.autocast():
+    with run.phase("student batches"), torch.no_grad(), run.autocast():
         images = torch.cat([
             run.generator(sample_prior(count, config.latent_dim, generator=run.rng,
                                        device=run.device))
@@ -127,9 +129,10 @@ def student_updates(run, replay_count: int) -> torch.Tensor:
     last update's loss."""
     all_images, all_teacher_logits = student_batches(run, replay_count)
     for images, teacher_logits in zip(all_images, all_teacher_logits):
-        with run.autocast():
-            loss = kd_div(run.student(images), teacher_logits, run.config.temperature)
-        update_student(run, loss)
+        with run.phase("student update"):
+            with run.autocast():
+                loss = kd_div(run.student(images), teacher_logits, run.config.temperature)
+            update_student(run, loss)
     return loss.detach()
 
 
@@ -143,8 +146,9 @@ def adversarial_step(run, step: int) -> dict:
 def replay_step(run, step: int) -> dict:
     """pre-dfkd and memory-bank: `run.replay` is a GenerativeReplay or a MemoryBank."""
     images, teacher_logits, losses = generator_step(run)
-    replay_loss = run.replay.update(images.float(), teacher_logits, run.teacher,
-                                   run.replay_rng)
+    with run.phase("replay update"):
+        replay_loss = run.replay.update(images.float(), teacher_logits, run.teacher,
+                                       run.replay_rng)
     if replay_loss is not None:
         losses["replay"] = replay_loss
     replay_count = run.config.replay_batch_size if step >= run.config.first_replay_step else 0
@@ -159,22 +163,25 @@ def unlabeled_step(run, step: int) -> dict:
     resulting inputs."""
     config = run.config
     for _ in range(config.student_steps):
-        indices = run.sampler.draw(config.batch_size, run.cpu_rng)
-        run.drawn_per_source += torch.bincount(run.collection.source_index[indices],
-                                               minlength=len(run.drawn_per_source))  # fmt: skip
-        images = run.collection.batch(indices).to(run.device, non_blocking=True)
-        images = random_translate(images, config.max_shift, run.rng)
-        images = mix_batch(images, config.mixup_fraction, config.cutmix_fraction, run.rng)
-        with torch.no_grad(), run.autocast():
-            teacher_logits = run.teacher(images)
-        with run.autocast():
-            divergences = kd_div(run.student(images), teacher_logits, config.temperature,
-                                 reduction="none")  # fmt: skip
-            loss = divergences.mean()
-        update_student(run, loss)
-        run.sampler.record(indices, divergences.detach())
+        with run.phase("student batches"):
+            indices = run.sampler.draw(config.batch_size, run.cpu_rng)
+            run.drawn_per_source += torch.bincount(run.collection.source_index[indices],
+                                                   minlength=len(run.drawn_per_source))  # fmt: skip
+            images = run.collection.batch(indices).to(run.device, non_blocking=True)
+            images = random_translate(images, config.max_shift, run.rng)
+            images = mix_batch(images, config.mixup_fraction, config.cutmix_fraction, run.rng)
+            with torch.no_grad(), run.autocast():
+                teacher_logits = run.teacher(images)
+        with run.phase("student update"):
+            with run.autocast():
+                divergences = kd_div(run.student(images), teacher_logits, config.temperature,
+                                     reduction="none")  # fmt: skip
+                loss = divergences.mean()
+            update_student(run, loss)
+            run.sampler.record(indices, divergences.detach())
     if step % config.refresh_every == 0:
-        run.sampler.refresh()
+        with run.phase("sampler refresh"):
+            run.sampler.refresh()
     run.student_schedule.step()
     return {"student": loss.detach()}
 
