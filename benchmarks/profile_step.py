@@ -32,7 +32,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from dfkd_fast.host_memory import retain_freed_host_memory
 from harness import PRESET_NETWORKS, device_name, preset_run, synchronize
-from step_configs import field_value
+from step_configs import parse_override
 
 PROJECT_PACKAGE = f"{os.sep}dfkd_fast{os.sep}"  # frames in the library itself
 
@@ -194,16 +194,6 @@ def markdown(report: dict) -> str:
     lines += [f"| {o['name'][:90]} | {o['calls_per_step']:.1f} | {o['self_cpu_ms_per_step']:.2f} |"
               for o in report["top_cpu_ops"]]  # fmt: skip
     return "\n".join(lines)
-
-
-def parse_override(text: str) -> tuple[str, object]:
-    name, separator, value = text.partition("=")
-    if not separator:
-        raise argparse.ArgumentTypeError(f"--set takes FIELD=VALUE, got {text!r}")
-    try:
-        return name, field_value(name, value)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

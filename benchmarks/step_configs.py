@@ -7,7 +7,7 @@ updates. Run:
     python benchmarks/step_configs.py --field vae_batch_size --values 128 64 \
         --json benchmarks/results/step-vae-batch-cpu.json
     python benchmarks/step_configs.py --preset cifar10 --device cuda --field channels_last \
-        --values false true
+        --values false true --set batch_size=128
 """
 
 from __future__ import annotations
@@ -34,16 +34,27 @@ def field_value(field: str, text: str):
     return text.lower() in ("1", "true", "yes") if kind is bool else kind(text)
 
 
+def parse_override(text: str) -> tuple[str, object]:
+    name, separator, value = text.partition("=")
+    if not separator:
+        raise argparse.ArgumentTypeError(f"--set takes FIELD=VALUE, got {text!r}")
+    try:
+        return name, field_value(name, value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def full_step(run) -> None:
     run.step_function(run, run.config.steps)
     synchronize(run.device.type)
 
 
 def measure(field: str, values: list, blocks: int, steps_per_block: int, preset: str = "mnist",
-            device: str = "cpu") -> dict:  # fmt: skip
+            device: str = "cpu", overrides: dict | None = None) -> dict:  # fmt: skip
     steppers = {}
     for value in values:
-        run = preset_run(preset, method="pre-dfkd", device=device, **{field: value})
+        run = preset_run(preset, method="pre-dfkd", device=device,
+                         **{**(overrides or {}), field: value})  # fmt: skip
         for _ in range(3):
             full_step(run)
         steppers[str(value)] = lambda run=run: full_step(run)
@@ -60,6 +71,8 @@ def main() -> None:
     parser.add_argument("--values", nargs="+", required=True, help="the first is the baseline")
     parser.add_argument("--preset", choices=sorted(PRESET_NETWORKS), default="mnist")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--set", dest="overrides", type=parse_override, action="append",
+                        default=[], metavar="FIELD=VALUE", help="another DistillConfig field's value")
     parser.add_argument("--blocks", type=int, default=10)
     parser.add_argument("--steps-per-block", type=int, default=3)
     parser.add_argument("--json", type=Path)
@@ -72,7 +85,7 @@ def main() -> None:
     except ValueError as error:
         parser.error(f"--field: {error}")
     result = measure(arguments.field, values, arguments.blocks, arguments.steps_per_block,
-                     arguments.preset, arguments.device)  # fmt: skip
+                     arguments.preset, arguments.device, dict(arguments.overrides))  # fmt: skip
     for name, ms in result["median_ms"].items():
         print(f"{arguments.field}={name}: {ms:.1f} ms per step, "
               f"{result['speedup_over_first'][name]:.3f}x the first")  # fmt: skip
@@ -80,6 +93,7 @@ def main() -> None:
         teacher, student, _ = PRESET_NETWORKS[arguments.preset]
         report = {"device": device_name(arguments.device), "torch": torch.__version__,
                   "workload": f"{arguments.preset} preset, pre-dfkd, {teacher} -> {student}",
+                  "overrides": dict(arguments.overrides),
                   **result}  # fmt: skip
         arguments.json.write_text(json.dumps(report, indent=2) + "\n")
 
