@@ -23,6 +23,7 @@ from harness import describe, peak_memory_bytes, timed
 
 LAYER_SHAPES = [(256, 64, 32, 32), (256, 128, 16, 16), (256, 256, 8, 8), (256, 512, 4, 4)]
 DTYPES = [torch.float32, torch.bfloat16]
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 TEACHERS = {"resnet34": cifar_resnet34, "resnet56": lambda: cifar_resnet(56)}
 BATCH = 256
 
@@ -47,6 +48,15 @@ def _label(shape) -> str:
     return "x".join(str(s) for s in shape)
 
 
+def _layer_input(shape, dtype, layout, device) -> torch.Tensor:
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    return x.contiguous(memory_format=LAYOUTS[layout])
+
+
+def _layer_label(shape, layout) -> str:
+    return _label(shape) + ("" if layout == "nchw" else f" {layout}")
+
+
 def _running_stats(channels, device):
     generator = torch.Generator().manual_seed(1)
     return (torch.randn(channels, generator=generator).to(device),
@@ -58,11 +68,11 @@ def _dtype_name(dtype) -> str:
 
 
 @pytest.mark.parametrize("shape", LAYER_SHAPES, ids=_label)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_name)
 @pytest.mark.parametrize("implementation", list(LOSSES))
-def test_layer_loss_forward_backward(benchmark, device, implementation, dtype, shape):
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
-    x.requires_grad_()
+def test_layer_loss_forward_backward(benchmark, device, implementation, dtype, layout, shape):
+    x = _layer_input(shape, dtype, layout, device).requires_grad_()
     running_mean, running_var = _running_stats(shape[1], device)
     function = LOSSES[implementation]()
 
@@ -76,7 +86,7 @@ def test_layer_loss_forward_backward(benchmark, device, implementation, dtype, s
     numel = x.numel()
     describe(
         benchmark, device, op="bn_stat_loss", implementation=implementation, numel=numel,
-        shape=_label(shape), dtype=_dtype_name(dtype),
+        shape=_layer_label(shape, layout), dtype=_dtype_name(dtype),
         bytes=3 * numel * x.element_size(),  # read x, read it again in backward, write grad_x
         peak_memory=peak_memory_bytes(run, device),
     )  # fmt: skip
@@ -143,13 +153,14 @@ BATCHNORM_FORWARDS = {
 
 
 @pytest.mark.parametrize("shape", LAYER_SHAPES, ids=_label)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_name)
 @pytest.mark.parametrize("implementation", list(BATCHNORM_FORWARDS))
-def test_batchnorm_forward_with_matching(benchmark, device, implementation, dtype, shape):
+def test_batchnorm_forward_with_matching(benchmark, device, implementation, dtype, layout, shape):
     """An eval BatchNorm forward plus its statistic-matching loss: dfkd_fast reads x once for
     both; eager runs F.batch_norm and then var_mean and the norms. "batchnorm alone" is the
     forward without matching, the lower bound (the GPU target: within 10% of it)."""
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    x = _layer_input(shape, dtype, layout, device)
     running_mean, running_var = _running_stats(shape[1], device)
     weight, bias = torch.ones(shape[1], device=device), torch.zeros(shape[1], device=device)
     function = BATCHNORM_FORWARDS[implementation]
@@ -159,7 +170,8 @@ def test_batchnorm_forward_with_matching(benchmark, device, implementation, dtyp
     numel = x.numel()
     describe(
         benchmark, device, op="batchnorm_forward", implementation=implementation, numel=numel,
-        shape=_label(shape), dtype=_dtype_name(dtype), bytes=2 * numel * x.element_size(),
+        shape=_layer_label(shape, layout), dtype=_dtype_name(dtype),
+        bytes=2 * numel * x.element_size(),
         peak_memory=peak_memory_bytes(run, device),
     )  # fmt: skip
     benchmark.pedantic(run, rounds=max(5, min(100, 2**25 // numel)), warmup_rounds=1)

@@ -142,6 +142,32 @@ def test_batch_norm_parameters_that_need_gradients_get_them(path):
     BN_OUTPUT[torch.float32].assert_close(y, reference)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bfloat16_output_rounds_to_nearest_even_as_torch_does(path, channels_last):
+    """y = x * 1 + shift, exact in float32, stored in bfloat16: halfway cases go to the even
+    neighbour, past the largest bfloat16 to inf, NaN stays NaN; the rest bit for bit as torch."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 6, 3, 3, generator=g) * 3
+    x[:, 0], x[:, 1] = 1.0, 1.0 + 2**-7  # even and odd last mantissa bits of bfloat16
+    x[:, 2] = torch.finfo(torch.bfloat16).max
+    x[0, 3, 0, 0] = float("nan")
+    shift = torch.tensor([2**-8, 2**-8, 1e36, 0.5, -0.25, 0.0])
+    shift[3:] += torch.rand(3, generator=g)
+    x = x.to(torch.bfloat16)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    # (x - running_mean) / sqrt(running_var + eps) = x + shift
+    y, *_ = dfkd_fast.batch_norm_with_stat_loss(
+        x.to(path.device), -shift.to(path.device), torch.ones(6, device=path.device), eps=0.0
+    )
+    expected = (x.float() + shift.view(1, -1, 1, 1)).to(torch.bfloat16)
+    y = y.cpu()
+    assert torch.equal(y.isnan(), expected.isnan()) and y.isnan().sum() == 1
+    finite = ~expected.isnan()
+    assert torch.equal(y[finite].view(torch.int16), expected[finite].view(torch.int16))
+    assert (y[:, 0] == 1.0).all() and (y[:, 1] == 1.0 + 2**-6).all() and y[:, 2].isinf().all()
+
+
 def test_zero_norms_give_zero_gradients(path):
     x = torch.tensor([[1.0, 3.0], [3.0, 1.0]], device=path.device).requires_grad_()
     running_mean = torch.tensor([2.0, 2.0], device=path.device)  # the batch mean exactly

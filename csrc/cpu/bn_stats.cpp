@@ -70,22 +70,20 @@ DFKD_ALWAYS_INLINE void forward_channel(const ForwardArgs& a, int64_t c) {
     int64_t s = 0;
     for (; s + kLanes <= a.x.S; s += kLanes) {
       for (int lane = 0; lane < kLanes; ++lane) {
-        const float value = static_cast<float>(run[s + lane]);
-        const double d = static_cast<double>(value - k);
+        const double d = static_cast<double>(static_cast<float>(run[s + lane]) - k);
         sum_lanes[lane] += d;
         square_lanes[lane] += d * d;
-        if (kWriteY) {
-          y[offset + s + lane] = static_cast<scalar_t>(value * scale + shift);
-        }
       }
     }
     for (int lane = 0; s < a.x.S; ++s, ++lane) {
-      const float value = static_cast<float>(run[s]);
-      const double d = static_cast<double>(value - k);
+      const double d = static_cast<double>(static_cast<float>(run[s]) - k);
       sum_lanes[lane] += d;
       square_lanes[lane] += d * d;
-      if (kWriteY) {
-        y[offset + s] = static_cast<scalar_t>(value * scale + shift);
+    }
+    if (kWriteY) {  // a second loop over the run, still in cache: both loops vectorise
+      scalar_t* y_run = y + offset;
+      for (s = 0; s < a.x.S; ++s) {
+        y_run[s] = cpu::rounded<scalar_t>(static_cast<float>(run[s]) * scale + shift);
       }
     }
   }
@@ -98,34 +96,40 @@ DFKD_ALWAYS_INLINE void forward_channel(const ForwardArgs& a, int64_t c) {
   a.sums[2 * c + 1] = squares;
 }
 
-// Channel-minor: one block of rows (n, s) per task, C contiguous values per row, summed per
-// channel in double.
+// Channel-minor: one block of rows (n, s) per task, C contiguous values per row (row r at r * C),
+// summed per channel in double. The restrict pointers let GCC vectorise across the channels.
 template <typename scalar_t, bool kWriteY>
 DFKD_ALWAYS_INLINE void forward_rows(const ForwardArgs& a, int64_t block) {
-  const auto* data = static_cast<const scalar_t*>(a.data);
-  auto* y = static_cast<scalar_t*>(a.y);
+  const scalar_t* __restrict__ data = static_cast<const scalar_t*>(a.data);
+  scalar_t* __restrict__ y = static_cast<scalar_t*>(a.y);
+  const float* __restrict__ scale = a.scale;
+  const float* __restrict__ shift = a.shift;
   const int64_t C = a.x.C;
-  double* sums = a.sums + block * C * 2;
-  std::vector<float> k(C);
-  std::vector<double> sum(C, 0.0), squares(C, 0.0);
+  std::vector<float> k_values(C);
+  std::vector<double> sum_values(C, 0.0), square_values(C, 0.0);
+  float* __restrict__ k = k_values.data();
+  double* __restrict__ sum = sum_values.data();
+  double* __restrict__ squares = square_values.data();
   for (int64_t c = 0; c < C; ++c) {
     k[c] = static_cast<float>(data[c]);
   }
-  const int64_t rows = a.x.N * a.x.S;
-  const int64_t last = std::min(rows, (block + 1) * kRowsPerBlock);
-  for (int64_t row = block * kRowsPerBlock; row < last; ++row) {
-    const int64_t n = row / a.x.S, s = row - (row / a.x.S) * a.x.S;
-    const int64_t offset = n * a.x.stride_n + s * a.x.stride_s;
+  const int64_t first = block * kRowsPerBlock;
+  const int64_t last = std::min(a.x.N * a.x.S, first + kRowsPerBlock);
+  for (int64_t row = first; row < last; ++row) {
+    const scalar_t* __restrict__ values = data + row * C;
     for (int64_t c = 0; c < C; ++c) {
-      const float value = static_cast<float>(data[offset + c]);
-      const double d = static_cast<double>(value - k[c]);
+      const double d = static_cast<double>(static_cast<float>(values[c]) - k[c]);
       sum[c] += d;
       squares[c] += d * d;
-      if (kWriteY) {
-        y[offset + c] = static_cast<scalar_t>(value * a.scale[c] + a.shift[c]);
+    }
+    if (kWriteY) {
+      scalar_t* __restrict__ y_row = y + row * C;
+      for (int64_t c = 0; c < C; ++c) {
+        y_row[c] = cpu::rounded<scalar_t>(static_cast<float>(values[c]) * scale[c] + shift[c]);
       }
     }
   }
+  double* sums = a.sums + block * C * 2;
   for (int64_t c = 0; c < C; ++c) {
     sums[2 * c] = sum[c];
     sums[2 * c + 1] = squares[c];
@@ -148,30 +152,40 @@ DFKD_ALWAYS_INLINE void backward_channel(const BackwardArgs& a, int64_t c) {
       if (grad_y != nullptr) {
         grad += static_cast<float>(grad_y[offset + s]) * scale;
       }
-      grad_x[offset + s] = static_cast<scalar_t>(grad);
+      grad_x[offset + s] = cpu::rounded<scalar_t>(grad);
+    }
+  }
+}
+
+template <typename scalar_t, bool kHasGradY>
+DFKD_ALWAYS_INLINE void backward_rows_for(const BackwardArgs& a, int64_t block) {
+  const scalar_t* __restrict__ data = static_cast<const scalar_t*>(a.data);
+  const scalar_t* __restrict__ grad_y = static_cast<const scalar_t*>(a.grad_y);
+  scalar_t* __restrict__ grad_x = static_cast<scalar_t*>(a.grad_x);
+  const float* __restrict__ scale = a.scale;
+  const float* __restrict__ mean = a.mean;
+  const float* __restrict__ coefficient_mean = a.coefficient_mean;
+  const float* __restrict__ coefficient_var = a.coefficient_var;
+  const int64_t C = a.x.C;
+  const int64_t first = block * kRowsPerBlock;
+  const int64_t last = std::min(a.x.N * a.x.S, first + kRowsPerBlock);
+  for (int64_t row = first; row < last; ++row) {
+    const int64_t offset = row * C;  // channel-minor rows are contiguous
+    for (int64_t c = 0; c < C; ++c) {
+      float grad = coefficient_mean[c] +
+                   coefficient_var[c] * (static_cast<float>(data[offset + c]) - mean[c]);
+      if (kHasGradY) {
+        grad += static_cast<float>(grad_y[offset + c]) * scale[c];
+      }
+      grad_x[offset + c] = cpu::rounded<scalar_t>(grad);
     }
   }
 }
 
 template <typename scalar_t>
 DFKD_ALWAYS_INLINE void backward_rows(const BackwardArgs& a, int64_t block) {
-  const auto* data = static_cast<const scalar_t*>(a.data);
-  const auto* grad_y = static_cast<const scalar_t*>(a.grad_y);
-  auto* grad_x = static_cast<scalar_t*>(a.grad_x);
-  const int64_t rows = a.x.N * a.x.S;
-  const int64_t last = std::min(rows, (block + 1) * kRowsPerBlock);
-  for (int64_t row = block * kRowsPerBlock; row < last; ++row) {
-    const int64_t n = row / a.x.S, s = row - (row / a.x.S) * a.x.S;
-    const int64_t offset = n * a.x.stride_n + s * a.x.stride_s;
-    for (int64_t c = 0; c < a.x.C; ++c) {
-      float grad = a.coefficient_mean[c] +
-                   a.coefficient_var[c] * (static_cast<float>(data[offset + c]) - a.mean[c]);
-      if (grad_y != nullptr) {
-        grad += static_cast<float>(grad_y[offset + c]) * a.scale[c];
-      }
-      grad_x[offset + c] = static_cast<scalar_t>(grad);
-    }
-  }
+  a.grad_y != nullptr ? backward_rows_for<scalar_t, true>(a, block)
+                      : backward_rows_for<scalar_t, false>(a, block);
 }
 
 template <typename scalar_t, bool kWriteY>

@@ -8,6 +8,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <cstring>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
 // Built for AVX-512, AVX2 and baseline x86-64; the loader picks one for the running CPU.
@@ -48,6 +49,22 @@ DFKD_ALWAYS_INLINE float sum_lanes(const float* lanes) {
     total += lanes[lane];
   }
   return total;
+}
+
+// value as scalar_t, rounded to nearest even. For bfloat16 the same bits as c10's conversion (NaN
+// becomes 0x7FC0) without its branch, so that GCC vectorises the loops that store it.
+template <typename scalar_t>
+DFKD_ALWAYS_INLINE scalar_t rounded(float value) {
+  return static_cast<scalar_t>(value);
+}
+
+template <>
+DFKD_ALWAYS_INLINE c10::BFloat16 rounded<c10::BFloat16>(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  const uint32_t nearest_even = (bits + UINT32_C(0x7FFF) + ((bits >> 16) & 1u)) >> 16;
+  const uint16_t stored = value != value ? UINT16_C(0x7FC0) : static_cast<uint16_t>(nearest_even);
+  return c10::BFloat16(stored, c10::BFloat16::from_bits());
 }
 
 // Tasks [begin, end) of a kernel, for one dtype.

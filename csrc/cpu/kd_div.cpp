@@ -69,7 +69,7 @@ DFKD_ALWAYS_INLINE void to_float(const scalar_t* x, int64_t n, float* out) {
 template <typename scalar_t>
 DFKD_ALWAYS_INLINE void from_float(const float* x, int64_t n, scalar_t* out) {
   for (int64_t i = 0; i < n; ++i) {
-    out[i] = static_cast<scalar_t>(x[i]);
+    out[i] = cpu::rounded<scalar_t>(x[i]);
   }
 }
 

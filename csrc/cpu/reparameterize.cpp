@@ -72,7 +72,7 @@ DFKD_ALWAYS_INLINE void write_samples(const scalar_t* mu, const scalar_t* logvar
     const float m = static_cast<float>(mu[i]);
     const float lv = static_cast<float>(logvar[i]);
     const float sd = standard_deviation(lv);
-    z[i] = static_cast<scalar_t>(m + sd * noise[i]);
+    z[i] = cpu::rounded<scalar_t>(m + sd * noise[i]);
     if (kWithKl) {
       kl_terms[i] = kl_term(m, lv, sd);
     }
@@ -150,9 +150,9 @@ DFKD_ALWAYS_INLINE void backward_tasks(const BackwardArgs& args, int64_t begin, 
         }
       }
       const float sd = standard_deviation(static_cast<float>(logvar[i]));
-      grad_mu[i] = static_cast<scalar_t>(grad_sum + grad_kl * m);
+      grad_mu[i] = cpu::rounded<scalar_t>(grad_sum + grad_kl * m);
       grad_logvar[i] =
-          static_cast<scalar_t>(0.5f * grad_noise_sum + grad_kl * kl_grad_logvar(sd));
+          cpu::rounded<scalar_t>(0.5f * grad_noise_sum + grad_kl * kl_grad_logvar(sd));
     }
   }
 }
