@@ -175,3 +175,35 @@ def test_batchnorm_forward_with_matching(benchmark, device, implementation, dtyp
         peak_memory=peak_memory_bytes(run, device),
     )  # fmt: skip
     benchmark.pedantic(run, rounds=max(5, min(100, 2**25 // numel)), warmup_rounds=1)
+
+
+@pytest.mark.parametrize("shape", LAYER_SHAPES, ids=_label)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_name)
+@pytest.mark.parametrize("implementation", ["dfkd_fast", "eager"])
+def test_batchnorm_with_matching_forward_backward(benchmark, device, implementation, dtype, layout,
+                                                  shape):  # fmt: skip
+    """What the generator update runs through each of the teacher's BatchNorm layers: the eval
+    forward with its matching loss, and the backward of both to x."""
+    x = _layer_input(shape, dtype, layout, device).requires_grad_()
+    running_mean, running_var = _running_stats(shape[1], device)
+    weight, bias = torch.ones(shape[1], device=device), torch.zeros(shape[1], device=device)
+    function = BATCHNORM_FORWARDS[implementation]
+    grad_y = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(device, dtype)
+
+    def forward_backward():
+        x.grad = None
+        y, loss = function(x, running_mean, running_var, weight, bias)
+        torch.autograd.backward([y, loss], [grad_y, torch.ones_like(loss)])
+
+    run = timed(forward_backward, device)
+    for _ in range(3):
+        run()
+    numel = x.numel()
+    describe(
+        benchmark, device, op="batchnorm_forward_backward", implementation=implementation,
+        numel=numel, shape=_layer_label(shape, layout), dtype=_dtype_name(dtype),
+        bytes=5 * numel * x.element_size(),  # forward: read x, write y; backward: x, grad_y, grad_x
+        peak_memory=peak_memory_bytes(run, device),
+    )  # fmt: skip
+    benchmark.pedantic(run, rounds=max(5, min(100, 2**25 // numel)), warmup_rounds=1)

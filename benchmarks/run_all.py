@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 SUITES = {
     "reparameterize": ["reparameterize"],
     "kd_div": ["kd_div"],
-    "bn_stats": ["bn_stat_loss", "teacher_bn_loss", "batchnorm_forward"],
+    "bn_stats": ["bn_stat_loss", "teacher_bn_loss", "batchnorm_forward", "batchnorm_forward_backward"],
     "distill_step": ["distill_step"],
     "layers": ["max_pool_2x2", "random_translate"],
 }
