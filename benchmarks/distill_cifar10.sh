@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # CIFAR-10, pretrained ResNet-56 teacher (shared weights) -> ResNet-20, data-free, pre-dfkd,
 # evaluated on the exact 1000-image test subset. Extra arguments go to `dfkd-fast distill`:
-#   CPU, a short run that shows learning:
-#     bash benchmarks/distill_cifar10.sh --steps 60 --batch-size 64 --student-steps 2 --eval-every 10
+#   CPU, a short run that shows learning (bfloat16 autocast and channels_last: 1.6x and 1.25x
+#   faster steps here, docs/benchmarks.md):
+#     bash benchmarks/distill_cifar10.sh --steps 60 --batch-size 64 --student-steps 2 --eval-every 10 \
+#         --cpu-amp --channels-last
 #   GPU, the full run:  bash benchmarks/distill_cifar10.sh --device cuda --steps 20000
 set -euo pipefail
 cd "$(dirname "$0")/.."
