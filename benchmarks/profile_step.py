@@ -32,7 +32,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from dfkd_fast.host_memory import retain_freed_host_memory
 from harness import PRESET_NETWORKS, device_name, preset_run, synchronize
-from step_configs import parse_override
+from step_configs import config_problem, parse_override
 
 PROJECT_PACKAGE = f"{os.sep}dfkd_fast{os.sep}"  # frames in the library itself
 
@@ -211,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     if arguments.steps < 1 or arguments.warmup < 1:
         parser.error("--steps and --warmup must be at least 1")
+    problem = config_problem(arguments.preset, dict(arguments.overrides))
+    if problem:
+        parser.error(f"--set: {problem}")
     if arguments.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
     torch.backends.cudnn.benchmark = arguments.cudnn_benchmark

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from dfkd_fast.distill import DistillConfig
+from dfkd_fast.distill import DistillConfig, preset_config
 from dfkd_fast.host_memory import retain_freed_host_memory
 from harness import PRESET_NETWORKS, device_name, interleaved_step_medians, preset_run, synchronize
 
@@ -44,6 +44,19 @@ def parse_override(text: str) -> tuple[str, object]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def config_problem(preset: str, overrides: dict) -> str | None:
+    """What is wrong with the pre-dfkd run of `preset` under `overrides`, for a usage error; None
+    when the config is sound. These benchmarks build data-free runs, with no collection."""
+    overrides = {"method": "pre-dfkd", **overrides}
+    if overrides["method"] == "unlabeled":
+        return "the unlabeled method needs a collection; these benchmarks time data-free methods"
+    try:
+        preset_config(preset, **overrides)
+    except (TypeError, ValueError) as error:
+        return str(error)
+    return None
+
+
 def full_step(run) -> None:
     run.step_function(run, run.config.steps)
     synchronize(run.device.type)
@@ -53,8 +66,8 @@ def measure(field: str, values: list, blocks: int, steps_per_block: int, preset:
             device: str = "cpu", overrides: dict | None = None) -> dict:  # fmt: skip
     steppers = {}
     for value in values:
-        run = preset_run(preset, method="pre-dfkd", device=device,
-                         **{**(overrides or {}), field: value})  # fmt: skip
+        run = preset_run(preset, device=device,
+                         **{"method": "pre-dfkd", **(overrides or {}), field: value})  # fmt: skip
         for _ in range(3):
             full_step(run)
         steppers[str(value)] = lambda run=run: full_step(run)
@@ -84,6 +97,10 @@ def main() -> None:
         values = [field_value(arguments.field, text) for text in arguments.values]
     except ValueError as error:
         parser.error(f"--field: {error}")
+    for value in values:
+        problem = config_problem(arguments.preset, {**dict(arguments.overrides), arguments.field: value})
+        if problem:
+            parser.error(f"{arguments.field}={value}: {problem}")
     result = measure(arguments.field, values, arguments.blocks, arguments.steps_per_block,
                      arguments.preset, arguments.device, dict(arguments.overrides))  # fmt: skip
     for name, ms in result["median_ms"].items():

@@ -65,10 +65,16 @@ def test_warnings_are_counted_by_the_place_that_raised_them(profile_step):
     assert any("warnings.warn(" in place for place in places)
 
 
-def test_a_set_that_names_no_config_field_is_refused(profile_step, capsys):
+def test_a_set_that_makes_no_sound_config_is_refused(profile_step, capsys):
     with pytest.raises(SystemExit):
         profile_step.main(["--set", "no_such_field=3"])
     assert "'no_such_field' is not a DistillConfig field" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         profile_step.main(["--set", "batch_size"])
     assert "FIELD=VALUE" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        profile_step.main(["--set", "method=unlabeled"])
+    assert "the unlabeled method needs a collection" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        profile_step.main(["--preset", "mnist", "--set", "batch_size=0"])
+    assert "batch_size must be >= 1" in capsys.readouterr().err
