@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu_session.sh check       build the CUDA extension, run the test suite, smoke runs
 #   bash benchmarks/gpu_session.sh ops         op and end-to-end step benchmarks (pytest-benchmark JSON)
 #   bash benchmarks/gpu_session.sh profile     where the cifar10 step's time goes: its parts, top kernels,
-#                                              device busy fraction, synchronising calls; channels_last
+#                                              device busy fraction, synchronising calls, a Chrome trace
+#                                              of one step; channels_last
 #                                              and cuDNN autotuning against the preset
 #   bash benchmarks/gpu_session.sh cifar10     data-free pre-dfkd, ResNet-56 -> ResNet-20
 #   bash benchmarks/gpu_session.sh unlabeled   unlabeled collection, uniform vs related sampling
@@ -97,6 +98,9 @@ stage_profile() {
     timeout 120 python3 benchmarks/profile_step.py --preset cifar10 --device cuda --cudnn-benchmark \
         --top 5 --json "benchmarks/results/profile-cifar10-cudnn-benchmark-$tag.json" >>"$out/profile.log" 2>&1
     log "profile with cuDNN autotuning exit $?"
+    timeout 120 python3 benchmarks/profile_step.py --preset cifar10 --device cuda --steps 1 --top 5 \
+        --trace "$out/profile-trace-cifar10.json.gz" >>"$out/profile.log" 2>&1
+    log "one step's trace exit $? ($(du -h "$out/profile-trace-cifar10.json.gz" 2>/dev/null | cut -f1))"
     timeout 180 python3 benchmarks/step_configs.py --preset cifar10 --device cuda --field channels_last \
         --values false true --blocks 4 --json "benchmarks/results/step-channels-last-cifar10-$tag.json" \
         >>"$out/profile.log" 2>&1

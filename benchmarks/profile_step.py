@@ -20,8 +20,11 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import gzip
 import json
 import os
+import shutil
+import tempfile
 import time
 import traceback
 import warnings
@@ -82,13 +85,27 @@ def self_device_microseconds(event) -> float:
     return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
 
 
-def profiled(run, steps: int, top: int) -> dict:
+def export_trace(profiler, path: Path) -> None:
+    """The profiled steps as a Chrome trace (chrome://tracing, Perfetto), gzipped for a .gz path."""
+    if path.suffix != ".gz":
+        profiler.export_chrome_trace(str(path))
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        plain = Path(folder) / "trace.json"
+        profiler.export_chrome_trace(str(plain))
+        with plain.open("rb") as source, gzip.open(path, "wb") as target:
+            shutil.copyfileobj(source, target)
+
+
+def profiled(run, steps: int, top: int, trace: Path | None = None) -> dict:
     on_cuda = run.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     with profile(activities=activities) as profiler:
         for _ in range(steps):
             step(run)
         synchronize(run.device.type)
+    if trace is not None:
+        export_trace(profiler, trace)
     averages = profiler.key_averages()
     by_cpu = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)
     result = {
@@ -143,7 +160,7 @@ def synchronizing_calls(run) -> dict[str, int]:
 
 
 def profile_step(preset: str, device: str, steps: int, warmup: int, top: int,
-                 overrides: dict) -> dict:  # fmt: skip
+                 overrides: dict, trace: Path | None = None) -> dict:  # fmt: skip
     run = preset_run(preset, device=device, **{"method": "pre-dfkd", **overrides})
     for _ in range(warmup):  # the replay memory filled, kernels compiled and autotuned
         step(run)
@@ -161,7 +178,7 @@ def profile_step(preset: str, device: str, steps: int, warmup: int, top: int,
         "images_per_step": run.config.batch_size * (1 + run.config.student_steps),
         "step_ms": plain,
         "phase_ms": phase_milliseconds(run, steps),
-        **profiled(run, steps, top),
+        **profiled(run, steps, top, trace),
     }
     if device == "cuda":
         report["device_busy_fraction"] = report["device_busy_ms_per_step"] / plain
@@ -208,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="let cuDNN time its algorithms for each shape")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--trace", type=Path, help="write the profiled steps' Chrome trace here "
+                        "(gzipped if it ends in .gz; a few MB a step on a GPU)")
     arguments = parser.parse_args(argv)
     if arguments.steps < 1 or arguments.warmup < 1:
         parser.error("--steps and --warmup must be at least 1")
@@ -219,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cudnn.benchmark = arguments.cudnn_benchmark
     retain_freed_host_memory()  # as the CLI does
     report = profile_step(arguments.preset, arguments.device, arguments.steps, arguments.warmup,
-                          arguments.top, dict(arguments.overrides))  # fmt: skip
+                          arguments.top, dict(arguments.overrides), arguments.trace)  # fmt: skip
     print(markdown(report))
     if arguments.json:
         arguments.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -3,6 +3,7 @@ run here on the CPU, where everything but its CUDA parts can be checked."""
 
 from __future__ import annotations
 
+import gzip
 import importlib
 import json
 import warnings
@@ -25,7 +26,7 @@ def test_every_part_of_a_pre_dfkd_step_is_timed_and_profiled(profile_step, tmp_p
     assert profile_step.main(["--preset", "mnist", "--device", "cpu", "--steps", "2", "--warmup",
                               "1", "--top", "6", "--set", "batch_size=24", "--set",
                               "student_steps=2", "--set", "vae_batch_size=8", "--json",
-                              str(report_path)]) == 0  # fmt: skip
+                              str(report_path), "--trace", str(tmp_path / "trace.json.gz")]) == 0  # fmt: skip
     report = json.loads(report_path.read_text())
     assert report["config"]["batch_size"] == 24 and report["config"]["student_steps"] == 2
     assert report["images_per_step"] == 24 * 3
@@ -37,6 +38,10 @@ def test_every_part_of_a_pre_dfkd_step_is_timed_and_profiled(profile_step, tmp_p
     assert len(report["top_cpu_ops"]) == 6
     assert any("convolution" in op["name"] for op in report["top_cpu_ops"])
     assert "device_busy_ms_per_step" not in report  # a CUDA measurement
+    with gzip.open(tmp_path / "trace.json.gz") as trace:
+        events = json.load(trace)["traceEvents"]
+    marked = {event.get("name") for event in events}
+    assert {f"dfkd_fast.{part}" for part in STEP_PARTS} <= marked
     text = capsys.readouterr().out
     assert "| student update |" in text and "lenet5 -> lenet5_half" in text
 
