@@ -4,8 +4,8 @@
 #   bash benchmarks/gpu_session.sh ops         op and end-to-end step benchmarks (pytest-benchmark JSON)
 #   bash benchmarks/gpu_session.sh profile     where the cifar10 step's time goes: its parts, top kernels,
 #                                              device busy fraction, synchronising calls, a Chrome trace
-#                                              of one step; channels_last
-#                                              and cuDNN autotuning against the preset
+#                                              of one step; channels_last and cuDNN autotuning against
+#                                              the preset
 #   bash benchmarks/gpu_session.sh cifar10     data-free pre-dfkd, ResNet-56 -> ResNet-20
 #   bash benchmarks/gpu_session.sh unlabeled   unlabeled collection, uniform vs related sampling
 # Several stages may be given at once. BENCH_OPS picks the op suites (kd_div alone took 3.5 minutes
