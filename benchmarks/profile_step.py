@@ -85,6 +85,14 @@ def self_device_microseconds(event) -> float:
     return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
 
 
+def is_device_work(event) -> bool:
+    """A kernel, copy or set on the device; not a range of the step (`Run.phase`) mirrored on the
+    device's timeline, which would count its kernels twice."""
+    return (event.device_type != torch.autograd.DeviceType.CPU
+            and not getattr(event, "is_user_annotation", False)
+            and not event.key.startswith("dfkd_fast."))  # fmt: skip
+
+
 def export_trace(profiler, path: Path) -> None:
     """The profiled steps as a Chrome trace (chrome://tracing, Perfetto), gzipped for a .gz path."""
     if path.suffix != ".gz":
@@ -116,10 +124,10 @@ def profiled(run, steps: int, top: int, trace: Path | None = None) -> dict:
         "aten_calls_per_step": sum(e.count for e in averages if e.key.startswith("aten::")) / steps,
     }
     if on_cuda:
-        device_events = [e for e in profiler.events() if e.device_type != torch.autograd.DeviceType.CPU]
+        device_events = [e for e in profiler.events() if is_device_work(e)]
         busy = sum(e.time_range.end - e.time_range.start for e in device_events)
-        kernels = sorted((e for e in averages if self_device_microseconds(e) > 0),
-                         key=self_device_microseconds, reverse=True)  # fmt: skip
+        kernels = sorted((e for e in averages if is_device_work(e)), key=self_device_microseconds,
+                         reverse=True)  # fmt: skip
         result.update(
             device_events_per_step=len(device_events) / steps,
             device_busy_ms_per_step=busy / 1e3 / steps,

@@ -83,3 +83,17 @@ def test_a_set_that_makes_no_sound_config_is_refused(profile_step, capsys):
     with pytest.raises(SystemExit):
         profile_step.main(["--preset", "mnist", "--set", "batch_size=0"])
     assert "batch_size must be >= 1" in capsys.readouterr().err
+
+
+def test_device_work_leaves_out_the_step_parts_mirrored_on_the_device(profile_step):
+    import torch
+    from types import SimpleNamespace
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    kernel = SimpleNamespace(device_type=cuda, key="void cudnn::conv_kernel", is_user_annotation=False)
+    annotation = SimpleNamespace(device_type=cuda, key="dfkd_fast.student update",
+                                 is_user_annotation=True)  # fmt: skip
+    unflagged = SimpleNamespace(device_type=cuda, key="dfkd_fast.generator update")  # older torch
+    operator = SimpleNamespace(device_type=cpu, key="aten::conv2d", is_user_annotation=False)
+    assert [profile_step.is_device_work(e) for e in (kernel, annotation, unflagged, operator)] == [
+        True, False, False, False]  # fmt: skip
