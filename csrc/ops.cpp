@@ -4,6 +4,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/common.h"
+
 TORCH_LIBRARY(dfkd_fast, m) {
   // z = mu + exp(0.5 * logvar) * eps, eps ~ N(0, I) from Philox4x32-10 keyed by one draw from
   // `generator`; z has shape (num_samples, *mu.shape). kl (float32, shape mu.shape[:-1]) is
@@ -52,10 +54,24 @@ TORCH_LIBRARY(dfkd_fast, m) {
       {at::Tag::pt2_compliant_tag});
 }
 
+namespace {
+
+PyObject* cpu_kernel_target(PyObject*, PyObject*) {
+  return PyUnicode_FromString(dfkd_fast::cpu::kernel_target());
+}
+
+PyMethodDef module_methods[] = {
+    {"cpu_kernel_target", cpu_kernel_target, METH_NOARGS,
+     "The instruction-set level of the CPU kernels the loader picked on this CPU."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 extern "C" {
-// An empty module: importing dfkd_fast._C loads this library, which registers the operators.
+// Importing dfkd_fast._C loads this library, which registers the operators.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
+                                          module_methods};
   return PyModule_Create(&module_def);
 }
 }

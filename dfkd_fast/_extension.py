@@ -39,6 +39,16 @@ def extension_status() -> str:
     return f"dfkd_fast._C could not be loaded ({_LOAD_ERROR}); {REBUILD_HINT}"
 
 
+def cpu_kernel_target() -> str | None:
+    """The instruction-set level (x86-64-v4, x86-64-v3, x86-64) of the C++ CPU kernels picked on
+    this CPU; their results can differ between levels in the last bit. None without the extension
+    (or from a build that predates the question)."""
+    if _LOAD_ERROR is not None:
+        return None
+    module = importlib.import_module("dfkd_fast._C")
+    return module.cpu_kernel_target() if hasattr(module, "cpu_kernel_target") else None
+
+
 @functools.lru_cache(maxsize=None)
 def has_kernel(op_name: str, device_type: str) -> bool:
     """Whether the extension registered a kernel of ``dfkd_fast::<op_name>`` for this device

@@ -84,16 +84,21 @@ def version_line() -> str:
     import torch
 
     import dfkd_fast
-    from dfkd_fast._extension import has_kernel
+    from dfkd_fast._extension import cpu_kernel_target, has_kernel
 
     kernels = [device for device in ("cpu", "cuda") if has_kernel("reparameterize", device)]
+    target = cpu_kernel_target()
+    if "cpu" in kernels and target is not None:
+        kernels[0] = f"cpu ({target})"
     return (f"dfkd-fast {dfkd_fast.__version__} (torch {torch.__version__}; "
             f"{dfkd_fast.extension_status()}; compiled kernels: {', '.join(kernels) or 'none'})")
 
 
 def _parser() -> argparse.ArgumentParser:
+    # Raw text, so that the --version line is printed unwrapped, whatever the terminal's width.
     parser = argparse.ArgumentParser(prog="dfkd-fast",
-                                     description="Fast data-free knowledge distillation.")  # fmt: skip
+                                     description="Fast data-free knowledge distillation.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--version", action="version", version=version_line())
     commands = parser.add_subparsers(dest="command", required=True)
 

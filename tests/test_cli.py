@@ -186,15 +186,19 @@ def test_cli_keeps_freed_host_memory_before_any_command(tmp_path, monkeypatch):
     assert calls == ["retained", "retained"]
 
 
-def test_version_names_the_package_torch_and_the_compiled_kernels(capsys):
+def test_version_names_the_package_torch_and_the_compiled_kernels(capsys, monkeypatch):
     import dfkd_fast
+    from dfkd_fast._extension import cpu_kernel_target
 
+    monkeypatch.setenv("COLUMNS", "40")  # a narrow terminal: the line is still one line
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert printed.startswith(f"dfkd-fast {dfkd_fast.__version__} (torch {torch.__version__};")
-    assert dfkd_fast.extension_status() in printed and "compiled kernels: cpu" in printed
+    assert printed.count("\n") == 1
+    assert dfkd_fast.extension_status() in printed
+    assert f"compiled kernels: cpu ({cpu_kernel_target()})" in printed
 
 
 def test_every_config_flag_is_explained_with_its_default_and_the_presets_values(capsys):

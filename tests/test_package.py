@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,30 @@ def test_dfkd_fast_distill_is_imported_on_first_use_and_callable():
 def test_compiled_extension_is_loaded():
     assert dfkd_fast.extension_loaded(), dfkd_fast.extension_status()
     assert hasattr(torch.ops.dfkd_fast, "reparameterize")
+
+
+X86_64_V3_FLAGS = {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}
+X86_64_V4_FLAGS = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+
+
+def test_cpu_kernel_target_is_the_level_the_cpu_flags_allow():
+    from dfkd_fast._extension import cpu_kernel_target
+
+    target = cpu_kernel_target()
+    cpuinfo = Path("/proc/cpuinfo")
+    if platform.machine() != "x86_64" or not cpuinfo.exists():
+        pytest.skip("the instruction-set levels are x86-64's, read from /proc/cpuinfo")
+    if target == "compiler default":
+        pytest.skip("this build has no per-level clones (not GCC >= 12)")
+    flag_line = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags"))
+    flags = set(flag_line.split(":", 1)[1].split())
+    if X86_64_V3_FLAGS | X86_64_V4_FLAGS <= flags:
+        expected = "x86-64-v4"
+    elif X86_64_V3_FLAGS <= flags:
+        expected = "x86-64-v3"
+    else:
+        expected = "x86-64"
+    assert target == expected
 
 
 def test_kernel_dtypes_on_cpu_use_the_extension():

@@ -12,6 +12,7 @@
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
 // Built for AVX-512, AVX2 and baseline x86-64; the loader picks one for the running CPU.
+#define DFKD_HAS_CPU_CLONES 1
 #define DFKD_CPU_CLONES \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -65,6 +66,23 @@ DFKD_ALWAYS_INLINE c10::BFloat16 rounded<c10::BFloat16>(float value) {
   const uint32_t nearest_even = (bits + UINT32_C(0x7FFF) + ((bits >> 16) & 1u)) >> 16;
   const uint16_t stored = value != value ? UINT16_C(0x7FC0) : static_cast<uint16_t>(nearest_even);
   return c10::BFloat16(stored, c10::BFloat16::from_bits());
+}
+
+// The clone the loader picks on this CPU, by the checks of GCC's resolver in its order of
+// priority. Results can differ between clones in the last bit (only some contract a * b + c).
+inline const char* kernel_target() {
+#if defined(DFKD_HAS_CPU_CLONES)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) {
+    return "x86-64-v4";
+  }
+  if (__builtin_cpu_supports("x86-64-v3")) {
+    return "x86-64-v3";
+  }
+  return "x86-64";
+#else
+  return "compiler default";
+#endif
 }
 
 // Tasks [begin, end) of a kernel, for one dtype.
