@@ -128,18 +128,25 @@ def choose_implementation(
 BFLOAT16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})  # x86 AVX512 / AMX, Arm
 
 
-def cpu_has_bfloat16_instructions(cpuinfo: str | None = None) -> bool | None:
-    """Whether the CPU computes bfloat16 natively, from the flags of /proc/cpuinfo (or the text
-    given); None where there are no flags to read (not Linux)."""
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (or the text given): x86's "flags", Arm's
+    "Features"; empty where there are none to read (not Linux)."""
     if cpuinfo is None:
         try:
             with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as file:
                 cpuinfo = file.read()
         except OSError:
-            return None
+            return frozenset()
     flags: set[str] = set()
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
         if key.strip() in ("flags", "Features"):
             flags.update(value.split())
+    return frozenset(flags)
+
+
+def cpu_has_bfloat16_instructions(cpuinfo: str | None = None) -> bool | None:
+    """Whether the CPU computes bfloat16 natively, from the flags of /proc/cpuinfo (or the text
+    given); None where there are no flags to read (not Linux)."""
+    flags = cpu_flags(cpuinfo)
     return bool(flags & BFLOAT16_CPU_FLAGS) if flags else None

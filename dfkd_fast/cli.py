@@ -86,10 +86,9 @@ def version_line() -> str:
     import dfkd_fast
     from dfkd_fast._extension import cpu_kernel_target, has_kernel
 
-    kernels = [device for device in ("cpu", "cuda") if has_kernel("reparameterize", device)]
     target = cpu_kernel_target()
-    if "cpu" in kernels and target is not None:
-        kernels[0] = f"cpu ({target})"
+    kernels = [f"cpu ({target})" if device == "cpu" and target else device
+               for device in ("cpu", "cuda") if has_kernel("reparameterize", device)]  # fmt: skip
     return (f"dfkd-fast {dfkd_fast.__version__} (torch {torch.__version__}; "
             f"{dfkd_fast.extension_status()}; compiled kernels: {', '.join(kernels) or 'none'})")
 
