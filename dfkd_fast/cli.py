@@ -231,6 +231,10 @@ def _teacher(arguments: dict):
 def distill_command(arguments: dict) -> int:
     given = DistillConfig(**_given(arguments, DistillConfig))  # bad values fail before any work
     available_device(given.device, "--device")
+    if (given.method == "unlabeled") != bool(arguments["collection"]):
+        raise UsageError("--method unlabeled needs at least one --collection source"
+                         if given.method == "unlabeled" else
+                         "--collection is for --method unlabeled")  # fmt: skip
     teacher, info, test = _teacher(arguments)
     method = arguments["method"] or DistillConfig.method
     preset = arguments["preset"] or (info.dataset if info.dataset in PRESETS else None)
@@ -243,12 +247,8 @@ def distill_command(arguments: dict) -> int:
     output_dir = arguments["output_dir"] or Path("runs") / f"{info.dataset or 'run'}-{method}"
     collection = None
     if config.method == "unlabeled":
-        if not arguments["collection"]:
-            raise UsageError("--method unlabeled needs at least one --collection source")
         collection = Collection.from_specs(arguments["collection"], info.image_shape, info.mean,
                                            info.std)  # fmt: skip
-    elif arguments["collection"]:
-        raise UsageError("--collection is for --method unlabeled")
     student_info = dataclasses.replace(info, arch=student_arch, test_accuracy=float("nan"))
     record = {"classifier": classifier_record(student_info)}
     result = distill(teacher, student, config, info.image_shape, test_set=test,

@@ -155,6 +155,11 @@ def test_cli_errors_are_messages(tmp_path, capsys):
         assert main([*command, "--device", missing]) == 2
         assert f"--device '{missing}'" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()  # refused before the digits teacher was trained
+    assert main(["distill", "--method", "unlabeled", "--output-dir", str(tmp_path / "u")]) == 2
+    assert "needs at least one --collection" in capsys.readouterr().err
+    assert main(["distill", "--collection", "noise:64", "--output-dir", str(tmp_path / "u")]) == 2
+    assert "--collection is for --method unlabeled" in capsys.readouterr().err
+    assert not (tmp_path / "u").exists()
     assert main(["distill", "--test-data", str(tmp_path), "--output-dir", str(tmp_path / "z")]) == 2
     assert "--test-data: only with --teacher" in capsys.readouterr().err
     (tmp_path / "file").write_text("")
