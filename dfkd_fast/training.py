@@ -106,6 +106,13 @@ def random_translate(images: torch.Tensor, max_shift: int, generator: torch.Gene
     return shifted.view(n, channels, height, width)
 
 
+def random_mirror(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each image mirrored left-right with probability 1/2 (drawn from `generator`, on the
+    images' device). No host sync."""
+    mirrored = torch.rand(images.shape[0], generator=generator, device=images.device) < 0.5
+    return torch.where(mirrored.view(-1, *[1] * (images.dim() - 1)), images.flip(-1), images)
+
+
 def train_classifier(
     model: nn.Module, train: ImageSet, test: ImageSet | None, config: TrainConfig,
     progress: bool = True, checkpoint: str | os.PathLike | None = None, resume: bool = False,

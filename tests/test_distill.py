@@ -580,6 +580,7 @@ def test_robustness_statistics_of_a_known_curve():
         (dict(bn_weight="1"), TypeError), (dict(student_ema=1.0), ValueError),
         (dict(max_shift=-1), ValueError), (dict(seed=-1), ValueError),
         (dict(vae_prior_decay=1.0), ValueError), (dict(vae_fitted_prior=1), TypeError),
+        (dict(horizontal_flip="yes"), TypeError),
         (dict(device="mps"), ValueError), (dict(device="cuda:x"), ValueError),
         (dict(device=0), TypeError), (dict(device=torch.device("cpu")), TypeError),
     ],
@@ -716,11 +717,13 @@ def test_weight_averaging_keeps_the_average_without_changing_training(tmp_path, 
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_shifting_the_student_batches_changes_what_the_student_learns(tmp_path, method):
+@pytest.mark.parametrize("augmentation", [dict(max_shift=2), dict(horizontal_flip=True)])
+def test_augmenting_the_student_batches_changes_what_the_student_learns(tmp_path, method,
+                                                                        augmentation):
     still = run(tmp_path, method, "still")
-    shifted = run(tmp_path, method, "shifted", max_shift=2)
-    assert not same_weights(still.student, shifted.student)
-    assert same_weights(shifted.student, run(tmp_path, method, "again", max_shift=2).student)
+    augmented = run(tmp_path, method, "augmented", **augmentation)
+    assert not same_weights(still.student, augmented.student)
+    assert same_weights(augmented.student, run(tmp_path, method, "again", **augmentation).student)
 
 
 def run_recording_teacher_dtypes(tmp_path, method, name, **overrides):

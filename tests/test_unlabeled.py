@@ -322,6 +322,19 @@ def test_random_translation_shifts_each_image_within_bounds():
                        random_translate(images, shift, torch.Generator().manual_seed(1)))
 
 
+def test_random_mirror_flips_about_half_of_the_images_left_right():
+    from dfkd_fast.training import random_mirror
+
+    images = torch.randn(200, 3, 5, 7)
+    mirrored = random_mirror(images, torch.Generator().manual_seed(0))
+    flipped = [torch.equal(after, before.flip(-1)) for after, before in zip(mirrored, images)]
+    kept = [torch.equal(after, before) for after, before in zip(mirrored, images)]
+    assert all(f != k for f, k in zip(flipped, kept))  # each image exactly one of the two
+    assert 70 < sum(flipped) < 130
+    channels_last = images.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(random_mirror(channels_last, torch.Generator().manual_seed(0)), mirrored)
+
+
 def test_an_image_folder_is_a_source(tmp_path):
     Image = pytest.importorskip("PIL.Image")
     pixels = uint8_images(3, 3, 5).permute(0, 2, 3, 1).numpy()

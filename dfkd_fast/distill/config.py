@@ -42,6 +42,7 @@ class DistillConfig:
     student_grad_clip: float = 0.0
     student_ema: float = 0.0
     max_shift: int = 0
+    horizontal_flip: bool = False
     temperature: float = 1.0
     disagreement_temperature: float = 0.0
     # generator loss: bn * BN-statistic matching + confidence * CE(teacher, argmax teacher)
@@ -106,7 +107,8 @@ class DistillConfig:
             raise ValueError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
-        for name in ("class_balance", "amp", "cpu_amp", "channels_last", "vae_fitted_prior"):
+        for name in ("class_balance", "amp", "cpu_amp", "channels_last", "vae_fitted_prior",
+                     "horizontal_flip"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         positive = ("steps", "student_steps", "batch_size", "latent_dim", "generator_width",
@@ -195,6 +197,8 @@ FIELD_HELP = {
                    "instead of the last weights (0: the last weights)",
     "max_shift": "every image of a student batch shifted by up to this many pixels before the "
                  "teacher labels it",
+    "horizontal_flip": "every image of a student batch mirrored left-right with probability "
+                       "1/2 before the teacher labels it (natural images, not digits)",
     "temperature": "temperature of the student's KD divergence",
     "disagreement_temperature": "temperature of the generator's disagreement term (0: the same "
                                 "as temperature)",

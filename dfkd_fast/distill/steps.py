@@ -21,8 +21,15 @@ import torch.nn.functional as F
 
 from dfkd_fast.ops.kd_div import js_div, kd_div
 from dfkd_fast.ops.reparameterize import sample_prior
-from dfkd_fast.training import random_translate
+from dfkd_fast.training import random_mirror, random_translate
 from dfkd_fast.unlabeled.mixing import mix_batch
+
+
+def augmented(images: torch.Tensor, config, generator: torch.Generator) -> torch.Tensor:
+    """A student batch's images shifted by up to `max_shift` pixels and, with `horizontal_flip`,
+    each mirrored with probability 1/2; the teacher labels the result."""
+    images = random_translate(images, config.max_shift, generator)
+    return random_mirror(images, generator) if config.horizontal_flip else images
 
 
 def generator_loss(teacher_logits, student_logits, bn_loss, features, config):
@@ -96,8 +103,8 @@ def chunk_sizes(total: int, largest: int) -> list[int]:
 def student_batches(run, replay_count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The images and the teacher's logits of all `student_steps` student updates of a step,
     (student_steps, batch_size, ...) each: fresh generator samples, `replay_count` of each batch
-    replaced by replay samples, each image shifted by up to `max_shift` pixels; the teacher's
-    soft outputs on the shifted images are the targets.
+    replaced by replay samples, each image `augmented`; the teacher's soft outputs on the
+    augmented images are the targets.
 
     The generator and the replay memory do not change during the student updates, so their
     samples are drawn together, in forwards of up to `batch_size` images (fewer, fuller forwards
@@ -118,7 +125,7 @@ def student_batches(run, replay_count: int) -> tuple[torch.Tensor, torch.Tensor]
                 for count in chunk_sizes(updates * replay_count, config.batch_size)
             ]).to(images.dtype)  # fmt: skip
             images = torch.cat([images, replayed.unflatten(0, (updates, replay_count))], dim=1)
-        images = random_translate(images.flatten(0, 1), config.max_shift, run.rng)
+        images = augmented(images.flatten(0, 1), config, run.rng)
         teacher_logits = torch.cat([run.teacher(batch) for batch in images.split(config.batch_size)])
     return (images.unflatten(0, (updates, config.batch_size)),
             teacher_logits.unflatten(0, (updates, config.batch_size)))  # fmt: skip
@@ -158,9 +165,8 @@ def replay_step(run, step: int) -> dict:
 
 
 def unlabeled_step(run, step: int) -> dict:
-    """Student updates on collection samples drawn by relatedness (`run.sampler`), shifted by up
-    to `max_shift` pixels, part of each batch mixed; targets are the teacher's outputs on the
-    resulting inputs."""
+    """Student updates on collection samples drawn by relatedness (`run.sampler`), `augmented`,
+    part of each batch mixed; targets are the teacher's outputs on the resulting inputs."""
     config = run.config
     for _ in range(config.student_steps):
         with run.phase("student batches"):
@@ -168,7 +174,7 @@ def unlabeled_step(run, step: int) -> dict:
             run.drawn_per_source += torch.bincount(run.collection.source_index[indices],
                                                    minlength=len(run.drawn_per_source))  # fmt: skip
             images = run.collection.batch(indices).to(run.device, non_blocking=True)
-            images = random_translate(images, config.max_shift, run.rng)
+            images = augmented(images, config, run.rng)
             images = mix_batch(images, config.mixup_fraction, config.cutmix_fraction, run.rng)
             with torch.no_grad(), run.autocast():
                 teacher_logits = run.teacher(images)
