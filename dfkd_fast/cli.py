@@ -231,12 +231,11 @@ def _teacher(arguments: dict):
 def distill_command(arguments: dict) -> int:
     given = DistillConfig(**_given(arguments, DistillConfig))  # bad values fail before any work
     available_device(given.device, "--device")
-    if (given.method == "unlabeled") != bool(arguments["collection"]):
-        raise UsageError("--method unlabeled needs at least one --collection source"
-                         if given.method == "unlabeled" else
-                         "--collection is for --method unlabeled")  # fmt: skip
+    if given.method == "unlabeled" and not arguments["collection"]:
+        raise UsageError("--method unlabeled needs at least one --collection source")
+    if given.method != "unlabeled" and arguments["collection"]:
+        raise UsageError("--collection is for --method unlabeled")
     teacher, info, test = _teacher(arguments)
-    method = arguments["method"] or DistillConfig.method
     preset = arguments["preset"] or (info.dataset if info.dataset in PRESETS else None)
     config = preset_config(preset, **_given(arguments, DistillConfig))
     student_arch = arguments["student_arch"] or DEFAULT_STUDENTS.get(info.arch)
@@ -244,7 +243,7 @@ def distill_command(arguments: dict) -> int:
         raise UsageError(f"no default student for a {info.arch} teacher: give --student-arch")
     student = build_classifier(student_arch, info.num_classes, info.image_shape[0],
                                seed=config.seed)  # fmt: skip
-    output_dir = arguments["output_dir"] or Path("runs") / f"{info.dataset or 'run'}-{method}"
+    output_dir = arguments["output_dir"] or Path("runs") / f"{info.dataset or 'run'}-{given.method}"
     collection = None
     if config.method == "unlabeled":
         collection = Collection.from_specs(arguments["collection"], info.image_shape, info.mean,
