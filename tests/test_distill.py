@@ -609,6 +609,17 @@ def test_config_round_trips_and_presets_apply():
         preset_config("imagenet")
 
 
+@pytest.mark.parametrize("native", [True, False, None])
+def test_a_presets_cpu_amp_is_dropped_only_where_the_cpu_lacks_bfloat16(monkeypatch, native):
+    from dfkd_fast.distill import config as config_module
+
+    monkeypatch.setattr(config_module, "cpu_has_bfloat16_instructions", lambda: native)
+    assert preset_config("mnist").cpu_amp is (native is not False)
+    assert preset_config("mnist", cpu_amp=True).cpu_amp is True
+    assert preset_config("mnist", cpu_amp=False).cpu_amp is False
+    assert preset_config("digits").cpu_amp is False
+
+
 def test_student_gradient_clipping_bounds_the_update():
     from dfkd_fast.distill.steps import student_updates
 

@@ -7,6 +7,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from dfkd_fast.backend import cpu_has_bfloat16_instructions
 from dfkd_fast.devices import check_device_name
 from dfkd_fast.unlabeled.sampling import POLICIES
 from dfkd_fast.unlabeled.scores import SCORES
@@ -290,9 +291,16 @@ PRESETS: dict[str, dict] = {
 
 
 def preset_config(preset: str | None, **overrides) -> DistillConfig:
-    """The preset's fields (its '-unlabeled' variant for that method), then `overrides`."""
+    """The preset's fields (its '-unlabeled' variant for that method), then `overrides`.
+
+    A preset's `cpu_amp` is dropped on a CPU known to lack bfloat16 instructions, where the
+    emulated autocast makes a step several times slower (docs/benchmarks.md); given in
+    `overrides`, it is kept."""
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     if overrides.get("method") == "unlabeled" and f"{preset}-unlabeled" in PRESETS:
         preset = f"{preset}-unlabeled"
-    return DistillConfig(**{**PRESETS.get(preset, {}), **overrides})
+    fields = dict(PRESETS.get(preset, {}))
+    if fields.get("cpu_amp") and cpu_has_bfloat16_instructions() is False:
+        fields["cpu_amp"] = False
+    return DistillConfig(**{**fields, **overrides})
