@@ -1,6 +1,7 @@
 """Markdown tables from pytest-benchmark JSON: time per call, ratios against eager PyTorch and
 torch.compile measured in the same run, achieved GB/s and its fraction of the measured copy
-bandwidth.
+bandwidth, and for compute-bound ops (cases that record `flops`, the eager computation's count)
+the GFLOP/s that count comes to at dfkd_fast's time.
 
     python benchmarks/report.py out.json [--op reparameterize]
 """
@@ -44,9 +45,12 @@ def table(cases: list[dict], op: str) -> str:
     with_memory = any(c.get("peak_memory") is not None for c in cases if c["op"] == op)
     header = "| device | dtype | size | dfkd_fast | " + " | ".join(baselines)
     header += " | " + " | ".join(f"vs {name}" for name in baselines) + " | GB/s | of copy BW |"
+    with_flops = any(c.get("flops") is not None for c in cases if c["op"] == op)
+    if with_flops:
+        header += " GFLOP/s (eager's count) |"
     if with_memory:
         header += " peak memory (ours / eager) |"
-    columns = 6 + 2 * len(baselines) + (1 if with_memory else 0)
+    columns = 6 + 2 * len(baselines) + (1 if with_memory else 0) + (1 if with_flops else 0)
     lines = [header, "|---|---|" + "---:|" * (columns - 2)]
     for (device, dtype, _numel, label), impls in sorted(by_size.items()):
         ours = impls.get("dfkd_fast")
@@ -63,6 +67,8 @@ def table(cases: list[dict], op: str) -> str:
         fraction = f"{bandwidth / copy[device]:.0%}" if device in copy else "-"
         row = [device, dtype, label, ms("dfkd_fast"), *map(ms, baselines),
                *map(ratio, baselines), f"{bandwidth / 1e9:.1f}", fraction]  # fmt: skip
+        if with_flops:
+            row.append(f"{ours['flops'] / ours['median_s'] / 1e9:.0f}")
         if with_memory:
             eager_memory = impls.get("eager", {}).get("peak_memory")
             row.append(f"{_megabytes(ours.get('peak_memory'))} / {_megabytes(eager_memory)}")

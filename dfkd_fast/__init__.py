@@ -8,7 +8,7 @@ from dfkd_fast._extension import extension_loaded, extension_status
 from dfkd_fast.backend import Backend, Implementation, choose_implementation, use_backend
 from dfkd_fast.hooks import BNStatHooks
 from dfkd_fast.host_memory import retain_freed_host_memory
-from dfkd_fast.nn import JSDivLoss, KDLoss
+from dfkd_fast.nn import JSDivLoss, KDLoss, UpsampleConv2d
 from dfkd_fast.ops import (
     batch_norm_with_stat_loss,
     bn_stat_loss,
@@ -19,6 +19,8 @@ from dfkd_fast.ops import (
     reparameterize,
     reparameterize_reference,
     sample_prior,
+    upsample_conv2d,
+    upsample_conv2d_reference,
 )
 
 __version__ = "0.1.0"
@@ -53,5 +55,8 @@ __all__ = [
     "reparameterize_reference",
     "retain_freed_host_memory",
     "sample_prior",
+    "upsample_conv2d",
+    "upsample_conv2d_reference",
+    "UpsampleConv2d",
     "use_backend",
 ]

@@ -5,6 +5,8 @@
   the Triton kernel under the interpreter when ``TRITON_INTERPRET=1``, else their C++ CPU kernel
   (the extension op of the same name) if there is one, else their pure-PyTorch reference.
 * Dtypes a kernel does not support (float64, say) run the reference.
+* Composite ops (a faster formulation written in PyTorch ops, such as upsample_conv2d's) run it
+  on every device and dtype.
 * ``DFKD_FAST_BACKEND=reference`` or ``with dfkd_fast.use_backend("reference"):`` forces the
   reference everywhere.
 
@@ -42,6 +44,7 @@ class Implementation(str, enum.Enum):
     EXTENSION = "extension"  # dfkd_fast._C: C++ on CPU, CUDA on GPU
     TRITON = "triton"  # a Triton kernel on a GPU
     TRITON_INTERPRETER = "triton-interpreter"  # a Triton kernel run by the interpreter on CPU
+    COMPOSITE = "composite"  # the op's own formulation in PyTorch ops, on any device
     REFERENCE = "reference"  # the pure-PyTorch reference
 
 
@@ -50,6 +53,7 @@ class KernelKind(str, enum.Enum):
 
     EXTENSION = "extension"
     TRITON = "triton"
+    COMPOSITE = "composite"  # faster PyTorch ops than the reference's, on every device and dtype
 
 
 _backend_override: contextvars.ContextVar[Backend | None] = contextvars.ContextVar(
@@ -96,7 +100,11 @@ def _assume_constant_result(fn):
 
 @_assume_constant_result
 def _choose(op_name: str, kind: str, device_type: str, dtype: torch.dtype) -> str:
-    if requested_backend() is Backend.REFERENCE or dtype not in KERNEL_DTYPES:
+    if requested_backend() is Backend.REFERENCE:
+        return Implementation.REFERENCE.value
+    if kind == KernelKind.COMPOSITE.value:
+        return Implementation.COMPOSITE.value
+    if dtype not in KERNEL_DTYPES:
         return Implementation.REFERENCE.value
     if kind == KernelKind.EXTENSION.value:
         if _extension.has_kernel(op_name, device_type):

@@ -103,3 +103,25 @@ def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     4.3e-7 and 3.5e-7 on an AMD EPYC without AVX-512 (its convolutions are not oneDNN's)."""
     scale = float(expected.detach().abs().max())
     Tolerance(rtol=1e-5, atol=1e-6 * scale).assert_close(actual, expected)
+
+
+# upsample_conv2d (2x2 kernels on the input) against float64, measured in units of PyTorch's own
+# error for the same computation in the same dtype (interpolate + conv2d): outputs and gradients
+# came within 1.95x of it in float32 and 2.4x in bfloat16 (the bias gradient, whose four parity
+# sums are rounded to bfloat16 before they are added). Allowed: twice PyTorch's error plus two
+# roundings of the largest value, the floor where PyTorch happens to be exact. In float64, which
+# is the reference's own dtype, the error is measured against the largest value: at most 2.2e-15.
+UPSAMPLE_CONV_ERROR_RATIO = 2.0
+UPSAMPLE_CONV_FLOAT64_ERROR = 5e-15
+
+
+def assert_as_accurate_as_pytorch(actual, pytorch, exact, dtype: torch.dtype) -> None:
+    error = (actual.double() - exact).abs().max()
+    largest = exact.abs().max()
+    if dtype == torch.float64:
+        allowed = UPSAMPLE_CONV_FLOAT64_ERROR * largest
+        assert error <= allowed, f"max error {error:.3g}, {error / largest:.3g} of the largest value"
+        return
+    pytorch_error = (pytorch.double() - exact).abs().max()
+    allowed = UPSAMPLE_CONV_ERROR_RATIO * (pytorch_error + torch.finfo(dtype).eps * largest)
+    assert error <= allowed, f"max error {error:.3g}, PyTorch's {pytorch_error:.3g}"

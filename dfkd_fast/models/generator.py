@@ -2,7 +2,8 @@
 latent -> linear -> (2w, H', W') -> upsample, conv, BN, LeakyReLU -> upsample, conv, BN,
 LeakyReLU -> conv to the image channels -> tanh -> centre crop to H x W -> non-affine BatchNorm,
 so that images come out standardised like a classifier's normalised inputs. H' = ceil(H / 4), so
-any size of at least 4 x 4 works."""
+any size of at least 4 x 4 works. Each upsample-conv pair is one UpsampleConv2d, which
+convolves before upsampling (dfkd_fast/ops/upsample_conv.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import math
 
 import torch
 from torch import nn
+
+from dfkd_fast.models.layers import accept_upsample_layouts
+from dfkd_fast.nn import UpsampleConv2d
 
 MIN_IMAGE_SIZE = 4
 
@@ -26,10 +30,11 @@ def check_image_shape(image_shape) -> tuple[int, int, int]:
     return tuple(image_shape)
 
 
-def memory_format_of(conv: nn.Conv2d) -> torch.memory_format:
-    """channels_last if the convolution's weight has been moved to it, else contiguous: the
-    layout to give a seed tensor built by a view, so that the layers after it copy nothing."""
-    weight = conv.weight
+def memory_format_of(layers: nn.Module) -> torch.memory_format:
+    """channels_last if the first convolution of `layers` has had its weight moved to it, else
+    contiguous: the layout to give a seed tensor built by a view, so that the layers after it
+    copy nothing."""
+    weight = next(m for m in layers.modules() if isinstance(m, nn.Conv2d)).weight
     if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
@@ -47,22 +52,21 @@ class Generator(nn.Module):
         self.project = nn.Linear(latent_dim, math.prod(self.seed_shape))
         self.body = nn.Sequential(
             nn.BatchNorm2d(2 * width),
-            nn.Upsample(scale_factor=2),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1),
+            UpsampleConv2d(2 * width, 2 * width),
             nn.BatchNorm2d(2 * width),
             nn.LeakyReLU(0.2),
-            nn.Upsample(scale_factor=2),
-            nn.Conv2d(2 * width, width, 3, padding=1),
+            UpsampleConv2d(2 * width, width),
             nn.BatchNorm2d(width),
             nn.LeakyReLU(0.2),
             nn.Conv2d(width, channels, 3, padding=1),
             nn.Tanh(),
         )
         self.standardise = nn.BatchNorm2d(channels, affine=False)
+        accept_upsample_layouts(self, "body")
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         seed = self.project(latent).view(latent.shape[0], *self.seed_shape)
-        seed = seed.contiguous(memory_format=memory_format_of(self.body[2]))
+        seed = seed.contiguous(memory_format=memory_format_of(self.body))
         images = self.body(seed)  # (batch, channels, 4 H', 4 W')
         _, height, width = self.image_shape
         top = (images.shape[-2] - height) // 2

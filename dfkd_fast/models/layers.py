@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dfkd_fast.nn import UpsampleConv2d
+
 
 class MaxPool2x2(nn.MaxPool2d):
     """``nn.MaxPool2d(2)``. On the CPU, when no gradient is needed (a frozen teacher, evaluation),
@@ -25,3 +27,25 @@ class MaxPool2x2(nn.MaxPool2d):
             torch.maximum(rows_even[..., 0::2], rows_even[..., 1::2]),
             torch.maximum(rows_odd[..., 0::2], rows_odd[..., 1::2]),
         )
+
+
+def accept_upsample_layouts(module: nn.Module, sequential_name: str) -> None:
+    """Lets `module` load state dicts saved before each ``UpsampleConv2d`` of its Sequential
+    `sequential_name` replaced an ``nn.Upsample`` followed by an ``nn.Conv2d``: the layers then
+    counted one more per upsampling, so the keys of the layers after one are renumbered."""
+    sequential = getattr(module, sequential_name)
+    renumbered, old_index = {}, 0
+    for index, layer in enumerate(sequential):
+        old_index += 2 if isinstance(layer, UpsampleConv2d) else 1
+        renumbered[str(old_index - 1)] = str(index)
+
+    def rename_old_keys(state_dict, prefix, *_):
+        start = f"{prefix}{sequential_name}."
+        old_keys = [key for key in state_dict if key.startswith(start)]
+        if not any(int(key[len(start) :].split(".")[0]) >= len(sequential) for key in old_keys):
+            return  # saved with this layout
+        for key in old_keys:
+            old_index, rest = key[len(start) :].split(".", 1)
+            state_dict[f"{start}{renumbered.get(old_index, old_index)}.{rest}"] = state_dict.pop(key)
+
+    module._register_load_state_dict_pre_hook(rename_old_keys)

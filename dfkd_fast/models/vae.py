@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfkd_fast.models.generator import check_image_shape, memory_format_of
+from dfkd_fast.models.layers import accept_upsample_layouts
+from dfkd_fast.nn import UpsampleConv2d
 from dfkd_fast.ops.reparameterize import reparameterize, sample_prior
 
 
@@ -39,10 +41,11 @@ class VAE(nn.Module):
         self.project = nn.Linear(latent_dim, math.prod(self.seed_shape))
         self.decoder = nn.Sequential(
             nn.BatchNorm2d(2 * width), nn.LeakyReLU(0.2),
-            nn.Upsample(scale_factor=2), nn.Conv2d(2 * width, width, 3, padding=1),
+            UpsampleConv2d(2 * width, width),
             nn.BatchNorm2d(width), nn.LeakyReLU(0.2),
-            nn.Upsample(scale_factor=2), nn.Conv2d(width, channels, 3, padding=1),
+            UpsampleConv2d(width, channels),
         )  # fmt: skip
+        accept_upsample_layouts(self, "decoder")
         # the fitted Gaussian: moving averages of the posteriors' mean and second moment, and the
         # Cholesky factor of the covariance they give
         self.register_buffer("fitted_mean", torch.zeros(latent_dim))
@@ -56,7 +59,7 @@ class VAE(nn.Module):
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         seed = self.project(latent).view(latent.shape[0], *self.seed_shape)
-        out = self.decoder(seed.contiguous(memory_format=memory_format_of(self.decoder[3])))
+        out = self.decoder(seed.contiguous(memory_format=memory_format_of(self.decoder)))
         _, height, width = self.image_shape
         return out[..., :height, :width]
 

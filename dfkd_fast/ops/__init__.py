@@ -3,6 +3,7 @@
 from dfkd_fast.ops.bn_stats import batch_norm_with_stat_loss, bn_stat_loss, bn_stats
 from dfkd_fast.ops.kd_div import js_div, kd_div, kd_div_reference
 from dfkd_fast.ops.reparameterize import reparameterize, reparameterize_reference, sample_prior
+from dfkd_fast.ops.upsample_conv import upsample_conv2d, upsample_conv2d_reference
 
 __all__ = [
     "batch_norm_with_stat_loss",
@@ -14,4 +15,6 @@ __all__ = [
     "reparameterize",
     "reparameterize_reference",
     "sample_prior",
+    "upsample_conv2d",
+    "upsample_conv2d_reference",
 ]
