@@ -34,6 +34,7 @@ from dfkd_fast.backend import (
     choose_implementation,
 )
 from dfkd_fast.ops import _triton
+from dfkd_fast.ops._checks import check_floating_tensor
 
 __all__ = [
     "batch_norm_scale_shift",
@@ -241,10 +242,7 @@ for _forward_name, _backward_name in [
 
 
 def _check_activation(x) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    check_floating_tensor("x", x)
     if x.dim() < 2:
         raise ValueError(f"x must have shape (N, C, *), got {tuple(x.shape)}")
     values_per_channel = x.numel() // x.shape[1] if x.shape[1] else 0
@@ -256,10 +254,7 @@ def _check_activation(x) -> None:
 
 
 def _check_channel_vector(name: str, value, x: torch.Tensor) -> None:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if not value.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    check_floating_tensor(name, value)
     if value.shape != (x.shape[1],):
         raise ValueError(
             f"{name} must have one value per channel of x ({x.shape[1]}), got shape "

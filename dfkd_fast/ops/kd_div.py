@@ -34,6 +34,7 @@ from dfkd_fast.backend import (
     choose_implementation,
 )
 from dfkd_fast.ops import _triton
+from dfkd_fast.ops._checks import check_floating_tensor
 
 __all__ = ["kd_div", "js_div", "kd_div_reference", "REDUCTIONS", "DIVERGENCES"]
 
@@ -258,10 +259,7 @@ def check_reduction(reduction) -> str:
 
 def _check_inputs(student_logits, teacher_logits, temperature, reduction, weight) -> None:
     for name, logits in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
-        if not isinstance(logits, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
-        if not logits.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {logits.dtype}")
+        check_floating_tensor(name, logits)
         if logits.dim() < 1 or logits.shape[-1] < 1:
             raise ValueError(f"{name} needs a last (class) dimension of size >= 1, got shape "
                              f"{tuple(logits.shape)}")  # fmt: skip

@@ -23,6 +23,7 @@ import torch
 
 from dfkd_fast import _extension
 from dfkd_fast.backend import Implementation, KernelKind, choose_implementation
+from dfkd_fast.ops._checks import check_floating_tensor
 
 __all__ = [
     "reparameterize",
@@ -186,10 +187,7 @@ if _extension.extension_loaded():
 
 def _check_inputs(mu, logvar, num_samples, generator) -> None:
     for name, tensor in (("mu", mu), ("logvar", logvar)):
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-        if not tensor.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
+        check_floating_tensor(name, tensor)
     if logvar.dtype != mu.dtype:
         raise TypeError(f"logvar must have the dtype of mu ({mu.dtype}), got {logvar.dtype}")
     if logvar.device != mu.device:
