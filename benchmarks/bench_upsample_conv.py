@@ -50,7 +50,8 @@ def test_upsample_conv2d_forward_backward(benchmark, device, implementation, dty
     weight = weight.contiguous(memory_format=torch.channels_last).requires_grad_()
     bias.requires_grad_()
     grad_output = torch.randn(batch, out_channels, 2 * size, 2 * size, generator=generator)
-    grad_output = grad_output.to(device, DTYPES[dtype]).contiguous(memory_format=torch.channels_last)
+    grad_output = grad_output.to(device, DTYPES[dtype])
+    grad_output = grad_output.contiguous(memory_format=torch.channels_last)
     function = IMPLEMENTATIONS[implementation]()
 
     def forward_backward():

@@ -81,7 +81,7 @@ stage_ops() {
     ensure_built || return 1
     log "op benchmarks"
     timeout "${BENCH_SECONDS:-420}" python3 benchmarks/run_all.py --device cuda \
-        --ops ${BENCH_OPS:-distill_step bn_stats reparameterize kd_div} \
+        --ops ${BENCH_OPS:-distill_step upsample_conv bn_stats reparameterize kd_div} \
         --benchmark-args=--benchmark-max-time=0.25 >"$out/benchmarks.log" 2>&1
     log "benchmarks exit $?"
     collected+=("$out/benchmarks.log" benchmarks/results/*-"$(slug)".json)
@@ -105,9 +105,13 @@ stage_profile() {
         --values false true --blocks 4 --json "benchmarks/results/step-channels-last-cifar10-$tag.json" \
         >>"$out/profile.log" 2>&1
     log "channels_last exit $?"
-    grep -E "ms per step|busy|synchronising" "$out/profile.log" | tee -a "$out/session.log"
+    timeout 120 python3 benchmarks/step_upsample_conv.py --preset cifar10 --device cuda --blocks 4 \
+        --json "benchmarks/results/step-upsample-conv-cifar10-$tag.json" >>"$out/profile.log" 2>&1
+    log "UpsampleConv2d against nn.Upsample + nn.Conv2d exit $?"
+    grep -E "ms per step|busy|synchronising|speed-up" "$out/profile.log" | tee -a "$out/session.log"
     collected+=("$out/profile.log" benchmarks/results/profile-cifar10-*"$tag".json
-                "benchmarks/results/step-channels-last-cifar10-$tag.json")
+                "benchmarks/results/step-channels-last-cifar10-$tag.json"
+                "benchmarks/results/step-upsample-conv-cifar10-$tag.json")
 }
 
 stage_cifar10() {

@@ -28,6 +28,7 @@ SUITES = {
     "bn_stats": ["bn_stat_loss", "teacher_bn_loss", "batchnorm_forward", "batchnorm_forward_backward"],
     "distill_step": ["distill_step"],
     "layers": ["max_pool_2x2", "random_translate"],
+    "upsample_conv": ["upsample_conv2d"],
 }
 
 

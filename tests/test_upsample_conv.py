@@ -31,7 +31,8 @@ def make_inputs(shape, dtype, channels_last, seed=0):
     x = torch.randn(n, channels, height, width, generator=g).to(dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    weight = (torch.randn(out_channels, channels, 3, 3, generator=g) / (3 * channels**0.5)).to(dtype)
+    weight = torch.randn(out_channels, channels, 3, 3, generator=g) / (3 * channels**0.5)
+    weight = weight.to(dtype)
     bias = torch.randn(out_channels, generator=g).to(dtype)
     grad_output = torch.randn(n, out_channels, 2 * height, 2 * width, generator=g).to(dtype)
     return x, weight, bias, grad_output
@@ -120,7 +121,8 @@ def test_torch_compile_matches_eager():
     x, weight, bias, grad_output = make_inputs((2, 4, 5, 3, 3), torch.float32, True)
     compiled = torch.compile(upsample_conv2d_subpixel, fullgraph=True)
     eager = output_and_gradients(upsample_conv2d_subpixel, x, weight, bias, grad_output)
-    for actual, expected in zip(output_and_gradients(compiled, x, weight, bias, grad_output), eager):
+    compiled_results = output_and_gradients(compiled, x, weight, bias, grad_output)
+    for actual, expected in zip(compiled_results, eager):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 

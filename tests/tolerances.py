@@ -120,7 +120,7 @@ def assert_as_accurate_as_pytorch(actual, pytorch, exact, dtype: torch.dtype) ->
     largest = exact.abs().max()
     if dtype == torch.float64:
         allowed = UPSAMPLE_CONV_FLOAT64_ERROR * largest
-        assert error <= allowed, f"max error {error:.3g}, {error / largest:.3g} of the largest value"
+        assert error <= allowed, f"max error {error:.3g}, {error / largest:.3g} of the largest"
         return
     pytorch_error = (pytorch.double() - exact).abs().max()
     allowed = UPSAMPLE_CONV_ERROR_RATIO * (pytorch_error + torch.finfo(dtype).eps * largest)

@@ -46,6 +46,7 @@ def accept_upsample_layouts(module: nn.Module, sequential_name: str) -> None:
             return  # saved with this layout
         for key in old_keys:
             old_index, rest = key[len(start) :].split(".", 1)
-            state_dict[f"{start}{renumbered.get(old_index, old_index)}.{rest}"] = state_dict.pop(key)
+            new_key = f"{start}{renumbered.get(old_index, old_index)}.{rest}"
+            state_dict[new_key] = state_dict.pop(key)
 
     module._register_load_state_dict_pre_hook(rename_old_keys)

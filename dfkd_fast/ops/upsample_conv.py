@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from dfkd_fast.backend import Implementation, KernelKind, choose_implementation
+from dfkd_fast.ops._checks import check_floating_tensor
 
 __all__ = ["upsample_conv2d", "upsample_conv2d_reference", "parity_kernels"]
 
@@ -77,6 +78,20 @@ def _check_maps(maps: torch.Tensor) -> None:
         )
 
 
+def _empty_interleaved(maps: torch.Tensor) -> torch.Tensor:
+    n, channels, rows, columns = maps.shape
+    return torch.empty((n, channels // 4, 2 * (rows - 1), 2 * (columns - 1)), dtype=maps.dtype,
+                       device=maps.device, memory_format=_memory_format(maps))  # fmt: skip
+
+
+def _empty_parity_maps(grad_output: torch.Tensor) -> torch.Tensor:
+    n, channels, height, width = grad_output.shape
+    return torch.empty(
+        (n, 4 * channels, height // 2 + 1, width // 2 + 1), dtype=grad_output.dtype,
+        device=grad_output.device, memory_format=_memory_format(grad_output),
+    )  # fmt: skip
+
+
 @torch.library.custom_op("dfkd_fast::interleave_parities", mutates_args=())
 def _interleave_parities(maps: torch.Tensor) -> torch.Tensor:
     """(N, 4 O, H + 1, W + 1) parity maps -> (N, O, 2H, 2W), in the maps' memory format:
@@ -89,18 +104,14 @@ def _interleave_parities(maps: torch.Tensor) -> torch.Tensor:
     return output
 
 
-def _empty_interleaved(maps: torch.Tensor) -> torch.Tensor:
-    n, channels, rows, columns = maps.shape
-    return torch.empty((n, channels // 4, 2 * (rows - 1), 2 * (columns - 1)), dtype=maps.dtype,
-                       device=maps.device, memory_format=_memory_format(maps))  # fmt: skip
-
-
 @torch.library.custom_op("dfkd_fast::interleave_parities_backward", mutates_args=())
 def _interleave_parities_backward(grad_output: torch.Tensor) -> torch.Tensor:
     """The gradient of the parity maps: each parity's window gets its pixels of grad_output; the
     one row and column of each map that no output pixel reads get zeros."""
     if grad_output.dim() != 4 or grad_output.shape[2] % 2 or grad_output.shape[3] % 2:
-        raise ValueError(f"grad_output must have shape (N, O, 2H, 2W), got {tuple(grad_output.shape)}")
+        raise ValueError(
+            f"grad_output must have shape (N, O, 2H, 2W), got {tuple(grad_output.shape)}"
+        )
     grad_maps = _empty_parity_maps(grad_output)
     height, width = grad_output.shape[2] // 2, grad_output.shape[3] // 2
     by_parity = grad_maps.unflatten(1, (2, 2, grad_maps.shape[1] // 4))
@@ -110,12 +121,6 @@ def _interleave_parities_backward(grad_output: torch.Tensor) -> torch.Tensor:
         by_parity[:, a, b, :, unread_row, :].zero_()
         by_parity[:, a, b, :, :, unread_column].zero_()
     return grad_maps
-
-
-def _empty_parity_maps(grad_output: torch.Tensor) -> torch.Tensor:
-    n, channels, height, width = grad_output.shape
-    return torch.empty((n, 4 * channels, height // 2 + 1, width // 2 + 1), dtype=grad_output.dtype,
-                       device=grad_output.device, memory_format=_memory_format(grad_output))  # fmt: skip
 
 
 @_interleave_parities.register_fake
@@ -164,10 +169,7 @@ def _check_inputs(x, weight, bias) -> None:
     for name, tensor in (("x", x), ("weight", weight), ("bias", bias)):
         if tensor is None and name == "bias":
             continue
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-        if not tensor.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
+        check_floating_tensor(name, tensor)
         if tensor.device != x.device:
             raise ValueError(f"{name} must be on the device of x ({x.device}), got {tensor.device}")
     if x.dim() != 4 or 0 in x.shape:
