@@ -106,6 +106,28 @@ def test_opcheck(channels_last):
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_the_interleaving_reads_and_writes_views_of_larger_tensors(channels_last):
+    """The interleaving copies through a strided view of its input's storage: a slice with an
+    offset and padded strides must give what each parity's window gives."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    storage = torch.randn(3, 20, 7, 9).contiguous(memory_format=memory_format)
+    maps = storage[1:, 4:16, 1:6, 2:9]  # (2, 12, 5, 7): O = 3, H = 4, W = 6
+    output = torch.ops.dfkd_fast.interleave_parities(maps)
+    by_parity = maps.unflatten(1, (2, 2, 3))
+    for a in (0, 1):
+        for b in (0, 1):
+            expected = by_parity[:, a, b, :, a : a + 4, b : b + 6]
+            torch.testing.assert_close(output[:, :, a::2, b::2], expected, rtol=0, atol=0)
+    grad_output = torch.randn(3, 3, 9, 13).contiguous(memory_format=memory_format)[1:, :, 1:, 1:]
+    grad_maps = torch.ops.dfkd_fast.interleave_parities_backward(grad_output)
+    by_parity = grad_maps.unflatten(1, (2, 2, 3))
+    for a in (0, 1):
+        for b in (0, 1):
+            window = by_parity[:, a, b, :, a : a + 4, b : b + 6]
+            torch.testing.assert_close(window, grad_output[:, :, a::2, b::2], rtol=0, atol=0)
+
+
 def test_the_interleaving_backward_zeroes_what_no_output_reads():
     grad_output = torch.randn(1, 2, 4, 6)
     grad_maps = torch.ops.dfkd_fast.interleave_parities_backward(grad_output)

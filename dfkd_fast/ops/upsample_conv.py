@@ -62,12 +62,22 @@ def _memory_format(tensor: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _parity_windows(maps: torch.Tensor, height: int, width: int) -> dict:
-    """(a, b) -> parity (a, b)'s window of `maps` (N, 4 O, height + 1, width + 1)."""
-    by_parity = maps.unflatten(1, (2, 2, maps.shape[1] // 4))  # (N, a, b, O, H + 1, W + 1)
-    return {
-        (a, b): by_parity[:, a, b, :, a : a + height, b : b + width] for a in (0, 1) for b in (0, 1)
-    }
+def _by_parity(maps: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The maps (N, 4 O, height + 1, width + 1) viewed as the output (N, O, height, 2, width, 2):
+    element (n, o, i, a, j, b) is maps[n, (2a + b) O + o, i + a, j + b], so one copy between this
+    view and the output's does the whole interleaving, in any memory format."""
+    n, out_channels = maps.shape[0], maps.shape[1] // 4
+    batch, channel, row, column = maps.stride()
+    return maps.as_strided(
+        (n, out_channels, height, 2, width, 2),
+        (batch, channel, row, 2 * out_channels * channel + row, column,
+         out_channels * channel + column),
+    )  # fmt: skip
+
+
+def _pixels_by_parity(images: torch.Tensor) -> torch.Tensor:
+    """(N, O, 2H, 2W) viewed as (N, O, H, 2, W, 2)."""
+    return images.unflatten(2, (images.shape[2] // 2, 2)).unflatten(4, (images.shape[3] // 2, 2))
 
 
 def _check_maps(maps: torch.Tensor) -> None:
@@ -99,8 +109,7 @@ def _interleave_parities(maps: torch.Tensor) -> torch.Tensor:
     _check_maps(maps)
     output = _empty_interleaved(maps)
     height, width = output.shape[2] // 2, output.shape[3] // 2
-    for (a, b), window in _parity_windows(maps, height, width).items():
-        output[:, :, a::2, b::2] = window
+    _pixels_by_parity(output).copy_(_by_parity(maps, height, width))
     return output
 
 
@@ -114,12 +123,13 @@ def _interleave_parities_backward(grad_output: torch.Tensor) -> torch.Tensor:
         )
     grad_maps = _empty_parity_maps(grad_output)
     height, width = grad_output.shape[2] // 2, grad_output.shape[3] // 2
-    by_parity = grad_maps.unflatten(1, (2, 2, grad_maps.shape[1] // 4))
-    for (a, b), window in _parity_windows(grad_maps, height, width).items():
-        window.copy_(grad_output[:, :, a::2, b::2])
-        unread_row, unread_column = (height if a == 0 else 0), (width if b == 0 else 0)
-        by_parity[:, a, b, :, unread_row, :].zero_()
-        by_parity[:, a, b, :, :, unread_column].zero_()
+    _by_parity(grad_maps, height, width).copy_(_pixels_by_parity(grad_output))
+    maps_of_parity = grad_maps.unflatten(1, (2, 2, grad_maps.shape[1] // 4))
+    for a in (0, 1):
+        for b in (0, 1):
+            unread_row, unread_column = (height if a == 0 else 0), (width if b == 0 else 0)
+            maps_of_parity[:, a, b, :, unread_row, :].zero_()
+            maps_of_parity[:, a, b, :, :, unread_column].zero_()
     return grad_maps
 
 
