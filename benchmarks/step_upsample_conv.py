@@ -15,28 +15,13 @@ import json
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from dfkd_fast.host_memory import retain_freed_host_memory
-from dfkd_fast.nn import UpsampleConv2d
+from dfkd_fast.models.layers import separate_upsampling
 from harness import device_name, interleaved_step_medians, preset_run
 from step_configs import config_problem, parse_override
 
 LAYOUTS = ("UpsampleConv2d", "nn.Upsample + nn.Conv2d")
-
-
-def separate_upsampling(sequential: nn.Sequential) -> nn.Sequential:
-    """`sequential` with each UpsampleConv2d split into nn.Upsample and an nn.Conv2d that holds
-    the very same weight and bias tensors (so the optimisers update both layouts)."""
-    layers = []
-    for layer in sequential:
-        if isinstance(layer, UpsampleConv2d):
-            conv = nn.Conv2d(layer.in_channels, layer.out_channels, 3, padding=1)
-            conv.weight, conv.bias = layer.weight, layer.bias
-            layers += [nn.Upsample(scale_factor=2), conv]
-        else:
-            layers.append(layer)
-    return nn.Sequential(*layers)
 
 
 def measure(preset: str, overrides: dict, device: str, blocks: int, steps_per_block: int) -> dict:
@@ -44,7 +29,7 @@ def measure(preset: str, overrides: dict, device: str, blocks: int, steps_per_bl
     places = [(run.generator, "body")]
     if getattr(run, "replay", None) is not None and hasattr(run.replay, "vae"):
         places.append((run.replay.vae, "decoder"))
-    layouts = {
+    layouts = {  # the second shares the first's parameters, so the optimisers update both
         LAYOUTS[0]: [getattr(module, name) for module, name in places],
         LAYOUTS[1]: [separate_upsampling(getattr(module, name)) for module, name in places],
     }

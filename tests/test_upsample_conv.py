@@ -12,6 +12,7 @@ from torch import nn
 import dfkd_fast
 from dfkd_fast.backend import Implementation, KernelKind, choose_implementation
 from dfkd_fast.models import VAE, Generator
+from dfkd_fast.models.layers import separate_upsampling
 from dfkd_fast.nn import UpsampleConv2d
 from dfkd_fast.ops.upsample_conv import (
     upsample_conv2d,
@@ -189,19 +190,6 @@ def test_the_layer_matches_upsample_then_conv2d():
     assert set(layer.state_dict()) == {"weight", "bias"}
 
 
-def _with_separate_upsampling(sequential: nn.Sequential) -> nn.Sequential:
-    """The layout before UpsampleConv2d: nn.Upsample, then nn.Conv2d with the same parameters."""
-    layers = []
-    for layer in sequential:
-        if isinstance(layer, UpsampleConv2d):
-            conv = nn.Conv2d(layer.in_channels, layer.out_channels, 3, padding=1)
-            conv.load_state_dict(layer.state_dict())
-            layers += [nn.Upsample(scale_factor=2), conv]
-        else:
-            layers.append(layer)
-    return nn.Sequential(*layers)
-
-
 @pytest.mark.parametrize("model", ["generator", "vae"])
 def test_state_dicts_of_the_separate_upsampling_layout_still_load(model):
     torch.manual_seed(0)
@@ -210,7 +198,7 @@ def test_state_dicts_of_the_separate_upsampling_layout_still_load(model):
     name = "body" if model == "generator" else "decoder"
     original, fresh = make().eval(), make().eval()
     saved_before = copy.deepcopy(original)
-    setattr(saved_before, name, _with_separate_upsampling(getattr(original, name)))
+    setattr(saved_before, name, separate_upsampling(getattr(original, name)))
     old_layout = saved_before.state_dict()
     last_old_index = max(int(key.split(".")[1]) for key in old_layout if key.startswith(name))
     assert last_old_index >= len(getattr(fresh, name))  # a key the new layout lacks

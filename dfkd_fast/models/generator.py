@@ -14,6 +14,7 @@ from torch import nn
 
 from dfkd_fast.models.layers import accept_upsample_layouts
 from dfkd_fast.nn import UpsampleConv2d
+from dfkd_fast.ops.upsample_conv import tensor_memory_format
 
 MIN_IMAGE_SIZE = 4
 
@@ -34,10 +35,8 @@ def memory_format_of(layers: nn.Module) -> torch.memory_format:
     """channels_last if the first convolution of `layers` has had its weight moved to it, else
     contiguous: the layout to give a seed tensor built by a view, so that the layers after it
     copy nothing."""
-    weight = next(m for m in layers.modules() if isinstance(m, nn.Conv2d)).weight
-    if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
+    first_conv = next(m for m in layers.modules() if isinstance(m, nn.Conv2d))
+    return tensor_memory_format(first_conv.weight)
 
 
 class Generator(nn.Module):

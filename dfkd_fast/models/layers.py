@@ -29,6 +29,22 @@ class MaxPool2x2(nn.MaxPool2d):
         )
 
 
+def separate_upsampling(sequential: nn.Sequential) -> nn.Sequential:
+    """The layout before ``UpsampleConv2d``: `sequential` with each one split into
+    ``nn.Upsample(scale_factor=2)`` and an ``nn.Conv2d`` holding the very same weight and bias
+    tensors (the layout `accept_upsample_layouts` reads)."""
+    layers = []
+    for layer in sequential:
+        if isinstance(layer, UpsampleConv2d):
+            conv = nn.Conv2d(layer.in_channels, layer.out_channels, 3, padding=1,
+                             bias=layer.bias is not None)  # fmt: skip
+            conv.weight, conv.bias = layer.weight, layer.bias
+            layers += [nn.Upsample(scale_factor=2), conv]
+        else:
+            layers.append(layer)
+    return nn.Sequential(*layers)
+
+
 def accept_upsample_layouts(module: nn.Module, sequential_name: str) -> None:
     """Lets `module` load state dicts saved before each ``UpsampleConv2d`` of its Sequential
     `sequential_name` replaced an ``nn.Upsample`` followed by an ``nn.Conv2d``: the layers then

@@ -56,7 +56,8 @@ def parity_kernels(weight: torch.Tensor) -> torch.Tensor:
     return taps.reshape(4 * out_channels, in_channels, 2, 2)  # (a b o, C, i, j)
 
 
-def _memory_format(tensor: torch.Tensor) -> torch.memory_format:
+def tensor_memory_format(tensor: torch.Tensor) -> torch.memory_format:
+    """channels_last for a tensor laid out so (and not also contiguous), else contiguous."""
     if tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
@@ -91,14 +92,14 @@ def _check_maps(maps: torch.Tensor) -> None:
 def _empty_interleaved(maps: torch.Tensor) -> torch.Tensor:
     n, channels, rows, columns = maps.shape
     return torch.empty((n, channels // 4, 2 * (rows - 1), 2 * (columns - 1)), dtype=maps.dtype,
-                       device=maps.device, memory_format=_memory_format(maps))  # fmt: skip
+                       device=maps.device, memory_format=tensor_memory_format(maps))  # fmt: skip
 
 
 def _empty_parity_maps(grad_output: torch.Tensor) -> torch.Tensor:
     n, channels, height, width = grad_output.shape
     return torch.empty(
         (n, 4 * channels, height // 2 + 1, width // 2 + 1), dtype=grad_output.dtype,
-        device=grad_output.device, memory_format=_memory_format(grad_output),
+        device=grad_output.device, memory_format=tensor_memory_format(grad_output),
     )  # fmt: skip
 
 
@@ -170,7 +171,7 @@ def upsample_conv2d_subpixel(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """The reference's result computed on x itself, as the module doc describes."""
-    kernels = parity_kernels(weight).contiguous(memory_format=_memory_format(x))
+    kernels = parity_kernels(weight).contiguous(memory_format=tensor_memory_format(x))
     maps = F.conv2d(x, kernels, None if bias is None else bias.repeat(4), padding=1)
     return torch.ops.dfkd_fast.interleave_parities(maps)  # (N, O, 2H, 2W)
 
