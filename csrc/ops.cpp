@@ -52,6 +52,13 @@ TORCH_LIBRARY(dfkd_fast, m) {
       " float momentum, Tensor? scale, Tensor? grad_loss, Tensor? grad_mean, Tensor? grad_var,"
       " Tensor? grad_y) -> Tensor grad_x",
       {at::Tag::pt2_compliant_tag});
+
+  // A stride-1 convolution (cross-correlation) of x (N, C, H, W) with weight (O, C, KH, KW), zero
+  // padding (ph, pw), plus bias: conv2d(x, weight, bias, padding=padding) in float32, for few
+  // output channels (see cpu/narrow_conv.cpp). The output is channels_last. CPU only; its
+  // gradients are convolutions registered from Python (dfkd_fast/ops/few_channel_conv.py).
+  m.def("narrow_conv2d(Tensor x, Tensor weight, Tensor? bias, int[2] padding) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
 }
 
 namespace {

@@ -8,11 +8,13 @@ from dfkd_fast._extension import extension_loaded, extension_status
 from dfkd_fast.backend import Backend, Implementation, choose_implementation, use_backend
 from dfkd_fast.hooks import BNStatHooks
 from dfkd_fast.host_memory import retain_freed_host_memory
-from dfkd_fast.nn import JSDivLoss, KDLoss, UpsampleConv2d
+from dfkd_fast.nn import FewChannelConv2d, JSDivLoss, KDLoss, UpsampleConv2d
 from dfkd_fast.ops import (
     batch_norm_with_stat_loss,
     bn_stat_loss,
     bn_stats,
+    few_channel_conv2d,
+    few_channel_conv2d_reference,
     js_div,
     kd_div,
     kd_div_reference,
@@ -46,6 +48,9 @@ __all__ = [
     "distill",
     "extension_loaded",
     "extension_status",
+    "few_channel_conv2d",
+    "few_channel_conv2d_reference",
+    "FewChannelConv2d",
     "js_div",
     "JSDivLoss",
     "kd_div",
