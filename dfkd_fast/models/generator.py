@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from dfkd_fast.models.layers import accept_upsample_layouts
-from dfkd_fast.nn import UpsampleConv2d
+from dfkd_fast.nn import FewChannelConv2d, UpsampleConv2d
 from dfkd_fast.ops.upsample_conv import tensor_memory_format
 
 MIN_IMAGE_SIZE = 4
@@ -57,7 +57,7 @@ class Generator(nn.Module):
             UpsampleConv2d(2 * width, width),
             nn.BatchNorm2d(width),
             nn.LeakyReLU(0.2),
-            nn.Conv2d(width, channels, 3, padding=1),
+            FewChannelConv2d(width, channels, 3, padding=1),
             nn.Tanh(),
         )
         self.standardise = nn.BatchNorm2d(channels, affine=False)

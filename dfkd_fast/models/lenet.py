@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from dfkd_fast.models.layers import MaxPool2x2
+from dfkd_fast.nn import FewChannelConv2d
 
 
 class LeNet5(nn.Module):
@@ -15,7 +16,7 @@ class LeNet5(nn.Module):
         super().__init__()
         c1, c2, c3, f1 = (max(1, int(round(w * width))) for w in (6, 16, 120, 84))
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, c1, 5), nn.ReLU(), MaxPool2x2(),  # 32 -> 28 -> 14
+            FewChannelConv2d(in_channels, c1, 5), nn.ReLU(), MaxPool2x2(),  # 32 -> 28 -> 14
             nn.Conv2d(c1, c2, 5), nn.ReLU(), MaxPool2x2(),  # 14 -> 10 -> 5
             nn.Conv2d(c2, c3, 5), nn.ReLU(),  # 5 -> 1
         )  # fmt: skip
