@@ -81,7 +81,7 @@ stage_ops() {
     ensure_built || return 1
     log "op benchmarks"
     timeout "${BENCH_SECONDS:-420}" python3 benchmarks/run_all.py --device cuda \
-        --ops ${BENCH_OPS:-distill_step upsample_conv bn_stats reparameterize kd_div} \
+        --ops ${BENCH_OPS:-distill_step upsample_conv few_channel_conv bn_stats reparameterize kd_div} \
         --benchmark-args=--benchmark-max-time=0.25 >"$out/benchmarks.log" 2>&1
     log "benchmarks exit $?"
     collected+=("$out/benchmarks.log" benchmarks/results/*-"$(slug)".json)

@@ -29,6 +29,7 @@ SUITES = {
     "distill_step": ["distill_step"],
     "layers": ["max_pool_2x2", "random_translate"],
     "upsample_conv": ["upsample_conv2d"],
+    "few_channel_conv": ["few_channel_conv2d"],
 }
 
 
