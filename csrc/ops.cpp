@@ -59,6 +59,14 @@ TORCH_LIBRARY(dfkd_fast, m) {
   // gradients are convolutions registered from Python (dfkd_fast/ops/few_channel_conv.py).
   m.def("narrow_conv2d(Tensor x, Tensor weight, Tensor? bias, int[2] padding) -> Tensor",
         {at::Tag::pt2_compliant_tag});
+
+  // 2x2 max-pooling, stride 2, of x (N, C, H, W) float32: max_pool2d(x, 2) in channels_last, and
+  // the position of each maximum in its window (uint8, 0 to 3 row-major; the first maximum, NaN
+  // winning, as max_pool2d). CPU only (cpu/max_pool.cpp); autograd is registered from Python
+  // (dfkd_fast/ops/max_pool.py).
+  m.def("max_pool2x2(Tensor x) -> (Tensor output, Tensor indices)", {at::Tag::pt2_compliant_tag});
+  m.def("max_pool2x2_backward(Tensor grad_output, Tensor indices, int[4] input_size) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
 }
 
 namespace {
