@@ -1,11 +1,13 @@
 """CPU-side layers of the training step against the plain PyTorch they replace: LeNet-5's 2x2
-max-pool without gradients (``MaxPool2x2``, the frozen teacher's pooling and evaluation) against
-``nn.MaxPool2d(2)``, and ``random_translate`` (one flat gather) against the 4-d advanced indexing
+max-pool without gradients (``MaxPool2x2``, the frozen teacher's pooling and evaluation) and with
+them (its ``max_pool2x2`` kernel, float32, forward + backward) against ``nn.MaxPool2d(2)``, and
+``random_translate`` (one flat gather) against the 4-d advanced indexing
 it replaced. Both give the same values bit for bit (tests/test_models.py, tests/test_unlabeled.py).
 Run:
 
     python -m pytest benchmarks/bench_layers.py --benchmark-json=out.json
     python benchmarks/report.py out.json --op max_pool_2x2
+    python benchmarks/report.py out.json --op max_pool_2x2_forward_backward
 """
 
 from __future__ import annotations
@@ -63,6 +65,27 @@ def test_max_pool_2x2(benchmark, device, implementation, dtype, shape):
     describe(benchmark, "cpu", op="max_pool_2x2", implementation=implementation, dtype=dtype,
              shape="x".join(map(str, shape)) + " channels_last", numel=images.numel(),
              bytes=moved)  # fmt: skip
+
+
+@pytest.mark.parametrize("shape", POOL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("implementation", ["eager", "dfkd_fast"])
+def test_max_pool_2x2_forward_backward(benchmark, device, implementation, shape):
+    skip_unless_cpu(device)
+    images = _images(shape, "float32").requires_grad_()
+    pool = MaxPool2x2() if implementation == "dfkd_fast" else torch.nn.MaxPool2d(2)
+    grad_output = torch.randn(pool(images).shape, generator=torch.Generator().manual_seed(1))
+    grad_output = grad_output.contiguous(memory_format=torch.channels_last)
+
+    def forward_backward():
+        images.grad = None
+        pool(images).backward(grad_output)
+
+    benchmark.pedantic(forward_backward, rounds=30, iterations=1, warmup_rounds=3)
+    # forward reads all and writes a quarter; backward reads a quarter and writes all
+    moved = images.numel() * images.element_size() * 5 // 2
+    describe(benchmark, "cpu", op="max_pool_2x2_forward_backward", implementation=implementation,
+             dtype="float32", shape="x".join(map(str, shape)) + " channels_last",
+             numel=images.numel(), bytes=moved)  # fmt: skip
 
 
 @pytest.mark.parametrize("shape", TRANSLATE_SHAPES, ids=lambda s: "x".join(map(str, s)))

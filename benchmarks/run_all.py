@@ -27,7 +27,7 @@ SUITES = {
     "kd_div": ["kd_div"],
     "bn_stats": ["bn_stat_loss", "teacher_bn_loss", "batchnorm_forward", "batchnorm_forward_backward"],
     "distill_step": ["distill_step"],
-    "layers": ["max_pool_2x2", "random_translate"],
+    "layers": ["max_pool_2x2", "max_pool_2x2_forward_backward", "random_translate"],
     "upsample_conv": ["upsample_conv2d"],
     "few_channel_conv": ["few_channel_conv2d"],
 }
