@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -109,3 +111,27 @@ def interleaved_step_medians(steppers: dict, blocks: int, steps_per_block: int) 
                 steppers[name]()
                 seconds[name].append(time.perf_counter() - start)
     return {name: 1e3 * statistics.median(values) for name, values in seconds.items()}
+
+
+def add_step_comparison_arguments(parser) -> None:
+    """The arguments of the scripts that compare two versions of a preset's step."""
+    from step_configs import parse_override
+
+    parser.add_argument("--preset", default="mnist", choices=["mnist", "cifar10"])
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        type=parse_override, help="a DistillConfig field's value")  # fmt: skip
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--blocks", type=int, default=8)
+    parser.add_argument("--steps-per-block", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+
+
+def report_step_comparison(arguments, result: dict, detail: str = "") -> None:
+    """Prints a step comparison's medians and speed-up; writes them to --json if given."""
+    medians = result["median_ms"]
+    print(f"{arguments.preset} on {device_name(arguments.device)}: "
+          + ", ".join(f"{name} {ms:.1f} ms" for name, ms in medians.items())
+          + f", speed-up {result['speedup']:.3f}x{detail}")  # fmt: skip
+    if arguments.json:
+        report = {"device": device_name(arguments.device), "torch": torch.__version__, **result}
+        arguments.json.write_text(json.dumps(report, indent=2) + "\n")

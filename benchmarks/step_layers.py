@@ -17,8 +17,6 @@ Run:
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -26,8 +24,13 @@ from torch import nn
 from dfkd_fast.host_memory import retain_freed_host_memory
 from dfkd_fast.models.layers import MaxPool2x2
 from dfkd_fast.nn import FewChannelConv2d
-from harness import device_name, interleaved_step_medians, preset_run
-from step_configs import config_problem, parse_override
+from harness import (
+    add_step_comparison_arguments,
+    interleaved_step_medians,
+    preset_run,
+    report_step_comparison,
+)
+from step_configs import config_problem
 
 class MaxPool2x2WithMaxPool2dGradient(MaxPool2x2):
     """MaxPool2x2 as it was: max_pool2d where a gradient is needed."""
@@ -84,13 +87,7 @@ def measure(layer: str, preset: str, overrides: dict, device: str, blocks: int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layer", required=True, choices=list(SWAPS))
-    parser.add_argument("--preset", default="mnist", choices=["mnist", "cifar10"])
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        type=parse_override, help="a DistillConfig field's value")  # fmt: skip
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--blocks", type=int, default=8)
-    parser.add_argument("--steps-per-block", type=int, default=3)
-    parser.add_argument("--json", type=Path)
+    add_step_comparison_arguments(parser)
     arguments = parser.parse_args()
     overrides = dict(arguments.set)
     problem = config_problem(arguments.preset, overrides)
@@ -99,13 +96,7 @@ def main() -> None:
     retain_freed_host_memory()
     result = measure(arguments.layer, arguments.preset, overrides, arguments.device,
                      arguments.blocks, arguments.steps_per_block)  # fmt: skip
-    medians = result["median_ms"]
-    print(f"{arguments.preset} on {device_name(arguments.device)}: "
-          + ", ".join(f"{name} {ms:.1f} ms" for name, ms in medians.items())
-          + f", speed-up {result['speedup']:.3f}x ({len(result['layers'])} layers)")  # fmt: skip
-    if arguments.json:
-        report = {"device": device_name(arguments.device), "torch": torch.__version__, **result}
-        arguments.json.write_text(json.dumps(report, indent=2) + "\n")
+    report_step_comparison(arguments, result, f" ({len(result['layers'])} layers)")
 
 
 if __name__ == "__main__":

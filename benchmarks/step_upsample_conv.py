@@ -11,15 +11,18 @@ step), so that the machine's drift affects both alike. Run:
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 
 from dfkd_fast.host_memory import retain_freed_host_memory
 from dfkd_fast.models.layers import separate_upsampling
-from harness import device_name, interleaved_step_medians, preset_run
-from step_configs import config_problem, parse_override
+from harness import (
+    add_step_comparison_arguments,
+    interleaved_step_medians,
+    preset_run,
+    report_step_comparison,
+)
+from step_configs import config_problem
 
 LAYOUTS = ("UpsampleConv2d", "nn.Upsample + nn.Conv2d")
 
@@ -55,13 +58,7 @@ def measure(preset: str, overrides: dict, device: str, blocks: int, steps_per_bl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="mnist", choices=["mnist", "cifar10"])
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        type=parse_override, help="a DistillConfig field's value")  # fmt: skip
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--blocks", type=int, default=8)
-    parser.add_argument("--steps-per-block", type=int, default=3)
-    parser.add_argument("--json", type=Path)
+    add_step_comparison_arguments(parser)
     arguments = parser.parse_args()
     overrides = dict(arguments.set)
     problem = config_problem(arguments.preset, overrides)
@@ -70,13 +67,7 @@ def main() -> None:
     retain_freed_host_memory()
     result = measure(arguments.preset, overrides, arguments.device, arguments.blocks,
                      arguments.steps_per_block)  # fmt: skip
-    medians = result["median_ms"]
-    print(f"{arguments.preset} on {device_name(arguments.device)}: "
-          + ", ".join(f"{name} {ms:.1f} ms" for name, ms in medians.items())
-          + f", speed-up {result['speedup']:.3f}x")  # fmt: skip
-    if arguments.json:
-        report = {"device": device_name(arguments.device), "torch": torch.__version__, **result}
-        arguments.json.write_text(json.dumps(report, indent=2) + "\n")
+    report_step_comparison(arguments, result)
 
 
 if __name__ == "__main__":

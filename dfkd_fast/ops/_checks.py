@@ -11,3 +11,13 @@ def check_floating_tensor(name: str, value) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if not value.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+
+
+def check_layer_tensors(x, weight, bias) -> None:
+    """A convolution's x, weight and optional bias: floating-point tensors on x's device."""
+    for name, value in (("x", x), ("weight", weight), ("bias", bias)):
+        if value is None and name == "bias":
+            continue
+        check_floating_tensor(name, value)
+        if value.device != x.device:
+            raise ValueError(f"{name} must be on the device of x ({x.device}), got {value.device}")

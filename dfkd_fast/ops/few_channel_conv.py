@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from dfkd_fast import _extension
 from dfkd_fast.backend import Implementation, KernelKind, choose_implementation
-from dfkd_fast.ops._checks import check_floating_tensor
+from dfkd_fast.ops._checks import check_layer_tensors
 
 __all__ = ["few_channel_conv2d", "few_channel_conv2d_reference", "NARROW_CHANNELS"]
 
@@ -188,13 +188,9 @@ def _autocast_enabled(device_type: str) -> bool:
 
 
 def _check_inputs(x, weight, bias) -> None:
-    for name, tensor in (("x", x), ("weight", weight), ("bias", bias)):
-        if tensor is None and name == "bias":
-            continue
-        check_floating_tensor(name, tensor)
-        if tensor.device != x.device:
-            raise ValueError(f"{name} must be on the device of x ({x.device}), got {tensor.device}")
-        if tensor.dtype != x.dtype and not _autocast_enabled(x.device.type):
+    check_layer_tensors(x, weight, bias)
+    for name, tensor in (("weight", weight), ("bias", bias)):
+        if tensor is not None and tensor.dtype != x.dtype and not _autocast_enabled(x.device.type):
             raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {tensor.dtype}")
     if x.dim() != 4:
         raise ValueError(f"x must have shape (N, C, H, W), got {tuple(x.shape)}")

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from dfkd_fast.backend import Implementation, KernelKind, choose_implementation
-from dfkd_fast.ops._checks import check_floating_tensor
+from dfkd_fast.ops._checks import check_layer_tensors
 
 __all__ = ["upsample_conv2d", "upsample_conv2d_reference", "parity_kernels"]
 
@@ -177,12 +177,7 @@ def upsample_conv2d_subpixel(
 
 
 def _check_inputs(x, weight, bias) -> None:
-    for name, tensor in (("x", x), ("weight", weight), ("bias", bias)):
-        if tensor is None and name == "bias":
-            continue
-        check_floating_tensor(name, tensor)
-        if tensor.device != x.device:
-            raise ValueError(f"{name} must be on the device of x ({x.device}), got {tensor.device}")
+    check_layer_tensors(x, weight, bias)
     if x.dim() != 4 or 0 in x.shape:
         raise ValueError(f"x must have a non-empty shape (N, C, H, W), got {tuple(x.shape)}")
     if weight.dim() != 4 or weight.shape[1:] != (x.shape[1], KERNEL_SIZE, KERNEL_SIZE):
