@@ -113,6 +113,28 @@ def interleaved_step_medians(steppers: dict, blocks: int, steps_per_block: int) 
     return {name: 1e3 * statistics.median(values) for name, values in seconds.items()}
 
 
+def compare_step_variants(run, switches: dict, blocks: int, steps_per_block: int) -> dict:
+    """Median milliseconds of one run's step under each variant (name -> a function that switches
+    the run's networks to it, the first the faster candidate, the second its baseline), taking
+    turns as interleaved_step_medians does, after one untimed step of each."""
+
+    def stepper(switch):
+        def step():
+            switch()
+            run.step_function(run, run.config.steps)
+            synchronize(run.device.type)
+
+        return step
+
+    steppers = {name: stepper(switch) for name, switch in switches.items()}
+    for step in steppers.values():
+        step()
+    medians = interleaved_step_medians(steppers, blocks, steps_per_block)
+    first, second = list(medians)[:2]
+    return {"median_ms": medians, "speedup": medians[second] / medians[first],
+            "steps_timed": blocks * steps_per_block}  # fmt: skip
+
+
 def add_step_comparison_arguments(parser) -> None:
     """The arguments of the scripts that compare two versions of a preset's step."""
     from step_configs import parse_override

@@ -26,7 +26,7 @@ from dfkd_fast.models.layers import MaxPool2x2
 from dfkd_fast.nn import FewChannelConv2d
 from harness import (
     add_step_comparison_arguments,
-    interleaved_step_medians,
+    compare_step_variants,
     preset_run,
     report_step_comparison,
 )
@@ -61,27 +61,19 @@ def measure(layer: str, preset: str, overrides: dict, device: str, blocks: int,
             steps_per_block: int) -> dict:  # fmt: skip
     run = preset_run(preset, device=device, **{"method": "pre-dfkd", **overrides})
     classes = SWAPS[layer]
-    names = list(classes)
-    layers = layers_of(run, classes[names[0]])
+    layers = layers_of(run, next(iter(classes.values())))
 
-    def stepper(name: str):
-        def step():
+    def switch_to(layer_class: type):
+        def switch():
             for module in layers:
-                module.__class__ = classes[name]
-            run.step_function(run, run.config.steps)
-            if device == "cuda":
-                torch.cuda.synchronize()
+                module.__class__ = layer_class
 
-        return step
+        return switch
 
-    steppers = {name: stepper(name) for name in names}
-    for step in steppers.values():
-        step()
-    medians = interleaved_step_medians(steppers, blocks, steps_per_block)
+    switches = {name: switch_to(layer_class) for name, layer_class in classes.items()}
     return {"layer": layer, "preset": preset, "overrides": overrides,
-            "layers": [repr(module) for module in layers], "median_ms": medians,
-            "speedup": medians[names[1]] / medians[names[0]],
-            "steps_timed": blocks * steps_per_block}  # fmt: skip
+            "layers": [repr(module) for module in layers],
+            **compare_step_variants(run, switches, blocks, steps_per_block)}  # fmt: skip
 
 
 def main() -> None:

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from dfkd_fast.host_memory import retain_freed_host_memory
 from dfkd_fast.models.layers import separate_upsampling
 from harness import (
     add_step_comparison_arguments,
-    interleaved_step_medians,
+    compare_step_variants,
     preset_run,
     report_step_comparison,
 )
@@ -37,23 +35,16 @@ def measure(preset: str, overrides: dict, device: str, blocks: int, steps_per_bl
         LAYOUTS[1]: [separate_upsampling(getattr(module, name)) for module, name in places],
     }
 
-    def stepper(layout: str):
-        def step():
+    def switch_to(layout: str):
+        def switch():
             for (module, name), sequential in zip(places, layouts[layout]):
                 setattr(module, name, sequential)
-            run.step_function(run, run.config.steps)
-            if device == "cuda":
-                torch.cuda.synchronize()
 
-        return step
+        return switch
 
-    steppers = {layout: stepper(layout) for layout in LAYOUTS}
-    for step in steppers.values():
-        step()
-    medians = interleaved_step_medians(steppers, blocks, steps_per_block)
-    return {"preset": preset, "overrides": overrides, "median_ms": medians,
-            "speedup": medians[LAYOUTS[1]] / medians[LAYOUTS[0]],
-            "steps_timed": blocks * steps_per_block}  # fmt: skip
+    switches = {layout: switch_to(layout) for layout in LAYOUTS}
+    return {"preset": preset, "overrides": overrides,
+            **compare_step_variants(run, switches, blocks, steps_per_block)}  # fmt: skip
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ from dfkd_fast.ops.few_channel_conv import (
     few_channel_conv2d_reference,
 )
 
+from .gradients import output_and_gradients
 from .tolerances import assert_as_accurate_as_pytorch
 
 needs_kernel = pytest.mark.skipif(
@@ -43,22 +44,11 @@ def make_inputs(shape, dtype, channels_last, seed=0):
     n, channels, height, width, out_channels, kernel, _ = shape
     g = torch.Generator().manual_seed(seed)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(n, channels, height, width, generator=g).to(dtype)
+    x = torch.randn(n, channels, height, width, generator=g)
     weight = torch.randn(out_channels, channels, *kernel, generator=g) / (channels * 3) ** 0.5
     bias = torch.randn(out_channels, generator=g).to(dtype)
     x, weight = (t.to(dtype).contiguous(memory_format=memory_format) for t in (x, weight))
     return x, weight, bias
-
-
-def output_and_gradients(function, x, weight, bias, padding, grad_output=None):
-    x, weight = x.detach().requires_grad_(), weight.detach().requires_grad_()
-    bias = None if bias is None else bias.detach().requires_grad_()
-    output = function(x, weight, bias, padding)
-    if grad_output is None:
-        g = torch.Generator().manual_seed(1)
-        grad_output = torch.randn(output.shape, generator=g, dtype=torch.float64)
-    inputs = (x, weight) if bias is None else (x, weight, bias)
-    return [output, *torch.autograd.grad(output, inputs, grad_output.to(output.dtype))]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)

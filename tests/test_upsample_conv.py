@@ -20,6 +20,7 @@ from dfkd_fast.ops.upsample_conv import (
     upsample_conv2d_subpixel,
 )
 
+from .gradients import output_and_gradients
 from .tolerances import assert_as_accurate_as_pytorch
 
 # (N, C, H, W, out_channels): odd and non-square sizes, 1 x 1 inputs, one channel in or out
@@ -39,14 +40,6 @@ def make_inputs(shape, dtype, channels_last, seed=0):
     return x, weight, bias, grad_output
 
 
-def output_and_gradients(function, x, weight, bias, grad_output):
-    x, weight = x.detach().requires_grad_(), weight.detach().requires_grad_()
-    bias = None if bias is None else bias.detach().requires_grad_()
-    output = function(x, weight, bias)
-    inputs = (x, weight) if bias is None else (x, weight, bias)
-    return [output, *torch.autograd.grad(output, inputs, grad_output.to(output.dtype))]
-
-
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
@@ -54,11 +47,12 @@ def output_and_gradients(function, x, weight, bias, grad_output):
 def test_output_and_gradients_match_float64(shape, dtype, channels_last, with_bias):
     x, weight, bias, grad_output = make_inputs(shape, dtype, channels_last)
     bias = bias if with_bias else None
-    actual = output_and_gradients(upsample_conv2d, x, weight, bias, grad_output)
-    pytorch = output_and_gradients(upsample_conv2d_reference, x, weight, bias, grad_output)
+    actual = output_and_gradients(upsample_conv2d, x, weight, bias, grad_output=grad_output)
+    pytorch = output_and_gradients(upsample_conv2d_reference, x, weight, bias,
+                                   grad_output=grad_output)  # fmt: skip
     exact = output_and_gradients(
         upsample_conv2d_reference, x.double(), weight.double(),
-        None if bias is None else bias.double(), grad_output.double(),
+        None if bias is None else bias.double(), grad_output=grad_output.double(),
     )  # fmt: skip
     assert actual[0].dtype == dtype and actual[0].shape == exact[0].shape
     assert actual[0].is_contiguous(memory_format=torch.channels_last) == channels_last or (
@@ -143,8 +137,9 @@ def test_the_interleaving_backward_zeroes_what_no_output_reads():
 def test_torch_compile_matches_eager():
     x, weight, bias, grad_output = make_inputs((2, 4, 5, 3, 3), torch.float32, True)
     compiled = torch.compile(upsample_conv2d_subpixel, fullgraph=True)
-    eager = output_and_gradients(upsample_conv2d_subpixel, x, weight, bias, grad_output)
-    compiled_results = output_and_gradients(compiled, x, weight, bias, grad_output)
+    eager = output_and_gradients(upsample_conv2d_subpixel, x, weight, bias,
+                                 grad_output=grad_output)  # fmt: skip
+    compiled_results = output_and_gradients(compiled, x, weight, bias, grad_output=grad_output)
     for actual, expected in zip(compiled_results, eager):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
