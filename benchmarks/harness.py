@@ -12,6 +12,7 @@ import torch
 
 from dfkd_fast.distill import preset_config
 from dfkd_fast.distill.engine import Run
+from dfkd_fast.host_memory import retain_freed_host_memory
 from dfkd_fast.models import build_classifier
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -146,6 +147,20 @@ def add_step_comparison_arguments(parser) -> None:
     parser.add_argument("--blocks", type=int, default=8)
     parser.add_argument("--steps-per-block", type=int, default=3)
     parser.add_argument("--json", type=Path)
+
+
+def parse_step_comparison(parser) -> tuple:
+    """(arguments, config overrides) of a step comparison, its preset's config checked; freed
+    host memory is kept for reuse, as the CLI's runs keep it."""
+    from step_configs import config_problem
+
+    arguments = parser.parse_args()
+    overrides = dict(arguments.set)
+    problem = config_problem(arguments.preset, overrides)
+    if problem:
+        parser.error(problem)
+    retain_freed_host_memory()
+    return arguments, overrides
 
 
 def report_step_comparison(arguments, result: dict, detail: str = "") -> None:

@@ -21,16 +21,15 @@ import argparse
 import torch
 from torch import nn
 
-from dfkd_fast.host_memory import retain_freed_host_memory
 from dfkd_fast.models.layers import MaxPool2x2
 from dfkd_fast.nn import FewChannelConv2d
 from harness import (
     add_step_comparison_arguments,
     compare_step_variants,
+    parse_step_comparison,
     preset_run,
     report_step_comparison,
 )
-from step_configs import config_problem
 
 class MaxPool2x2WithMaxPool2dGradient(MaxPool2x2):
     """MaxPool2x2 as it was: max_pool2d where a gradient is needed."""
@@ -80,12 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layer", required=True, choices=list(SWAPS))
     add_step_comparison_arguments(parser)
-    arguments = parser.parse_args()
-    overrides = dict(arguments.set)
-    problem = config_problem(arguments.preset, overrides)
-    if problem:
-        parser.error(problem)
-    retain_freed_host_memory()
+    arguments, overrides = parse_step_comparison(parser)
     result = measure(arguments.layer, arguments.preset, overrides, arguments.device,
                      arguments.blocks, arguments.steps_per_block)  # fmt: skip
     report_step_comparison(arguments, result, f" ({len(result['layers'])} layers)")

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import argparse
 
-from dfkd_fast.host_memory import retain_freed_host_memory
 from dfkd_fast.models.layers import separate_upsampling
 from harness import (
     add_step_comparison_arguments,
     compare_step_variants,
+    parse_step_comparison,
     preset_run,
     report_step_comparison,
 )
-from step_configs import config_problem
 
 LAYOUTS = ("UpsampleConv2d", "nn.Upsample + nn.Conv2d")
 
@@ -50,12 +49,7 @@ def measure(preset: str, overrides: dict, device: str, blocks: int, steps_per_bl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_step_comparison_arguments(parser)
-    arguments = parser.parse_args()
-    overrides = dict(arguments.set)
-    problem = config_problem(arguments.preset, overrides)
-    if problem:
-        parser.error(problem)
-    retain_freed_host_memory()
+    arguments, overrides = parse_step_comparison(parser)
     result = measure(arguments.preset, overrides, arguments.device, arguments.blocks,
                      arguments.steps_per_block)  # fmt: skip
     report_step_comparison(arguments, result)
