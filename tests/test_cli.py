@@ -211,7 +211,7 @@ def test_every_config_flag_is_explained_with_its_default_and_the_presets_values(
         main(["distill", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--steps INT steps of the run; each is one generator update" in text
-    assert "(default 800; presets: digits 300, mnist 3200, mnist-unlabeled 10000" in text
+    assert "(default 800; presets: digits 300, mnist 2400, mnist-unlabeled 10000" in text
     assert "--score STR unlabeled: relatedness score, msp | entropy | energy" in text
     for name in ("student_ema", "vae_fitted_prior", "cpu_amp", "uniform_share"):
         assert f"--{name.replace('_', '-')}" in text and FIELD_HELP[name].split(",")[0] in text
