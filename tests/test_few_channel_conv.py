@@ -19,6 +19,7 @@ from dfkd_fast.ops.few_channel_conv import (
 )
 
 from .gradients import output_and_gradients
+from .profiling import op_calls
 from .tolerances import assert_as_accurate_as_pytorch
 
 needs_kernel = pytest.mark.skipif(
@@ -72,9 +73,7 @@ def test_output_and_gradients_match_float64(shape, dtype, channels_last, with_bi
 
 
 def kernel_calls(function) -> int:
-    with torch.profiler.profile() as profile:
-        function()
-    return sum(event.name == "dfkd_fast::narrow_conv2d" for event in profile.events())
+    return op_calls(function, "dfkd_fast::narrow_conv2d")
 
 
 @needs_kernel

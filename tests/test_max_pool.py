@@ -13,6 +13,8 @@ from dfkd_fast import _extension
 from dfkd_fast.models.layers import MaxPool2x2
 from dfkd_fast.ops.max_pool import KERNEL_MAX_CHANNELS, max_pool2x2, max_pool2x2_reference
 
+from .profiling import op_calls
+
 needs_kernel = pytest.mark.skipif(
     not _extension.has_kernel("max_pool2x2", "cpu"), reason=_extension.extension_status()
 )
@@ -89,9 +91,7 @@ def test_the_kernel_reads_views_of_larger_tensors():
 
 
 def kernel_calls(function) -> int:
-    with torch.profiler.profile() as profile:
-        function()
-    return sum(event.name == "dfkd_fast::max_pool2x2" for event in profile.events())
+    return op_calls(function, "dfkd_fast::max_pool2x2")
 
 
 @needs_kernel
