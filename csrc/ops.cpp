@@ -67,6 +67,15 @@ TORCH_LIBRARY(dfkd_fast, m) {
   m.def("max_pool2x2(Tensor x) -> (Tensor output, Tensor indices)", {at::Tag::pt2_compliant_tag});
   m.def("max_pool2x2_backward(Tensor grad_output, Tensor indices, int[4] input_size) -> Tensor",
         {at::Tag::pt2_compliant_tag});
+
+  // The interleaving of upsample_conv2d's four parity maps (N, 4 O, H + 1, W + 1) into its output
+  // (N, O, 2H, 2W), and the maps' gradient from the output's, for contiguous or channels_last
+  // tensors of 2- or 4-byte elements. CPU only (cpu/interleave_parities.cpp); they serve the
+  // operators dfkd_fast::interleave_parities(_backward), which own autograd and run a strided
+  // copy elsewhere (dfkd_fast/ops/upsample_conv.py).
+  m.def("interleave_parities_kernel(Tensor maps) -> Tensor", {at::Tag::pt2_compliant_tag});
+  m.def("interleave_parities_backward_kernel(Tensor grad_output) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
 }
 
 namespace {

@@ -14,13 +14,18 @@ from dfkd_fast.backend import Implementation, KernelKind, choose_implementation
 from dfkd_fast.models import VAE, Generator
 from dfkd_fast.models.layers import separate_upsampling
 from dfkd_fast.nn import UpsampleConv2d
+from dfkd_fast import _extension
 from dfkd_fast.ops.upsample_conv import (
+    deinterleave_by_copy,
+    interleave_by_copy,
+    tensor_memory_format,
     upsample_conv2d,
     upsample_conv2d_reference,
     upsample_conv2d_subpixel,
 )
 
 from .gradients import output_and_gradients
+from .profiling import op_calls
 from .tolerances import assert_as_accurate_as_pytorch
 
 # (N, C, H, W, out_channels): odd and non-square sizes, 1 x 1 inputs, one channel in or out
@@ -101,37 +106,151 @@ def test_opcheck(channels_last):
     )  # fmt: skip
 
 
+def assert_interleaves(maps: torch.Tensor) -> None:
+    """interleave_parities(maps), and the strided copy it runs where no kernel serves, are each
+    parity's window of the maps, in the maps' layout."""
+    for interleave in (torch.ops.dfkd_fast.interleave_parities, interleave_by_copy):
+        assert_interleaved(maps, interleave(maps))
+
+
+def assert_interleaved(maps: torch.Tensor, output: torch.Tensor) -> None:
+    out_channels, height, width = maps.shape[1] // 4, maps.shape[2] - 1, maps.shape[3] - 1
+    assert output.shape == (maps.shape[0], out_channels, 2 * height, 2 * width)
+    assert output.dtype == maps.dtype
+    assert output.is_contiguous(memory_format=tensor_memory_format(maps))
+    by_parity = maps.unflatten(1, (2, 2, out_channels))
+    for a in (0, 1):
+        for b in (0, 1):
+            expected = by_parity[:, a, b, :, a : a + height, b : b + width]
+            torch.testing.assert_close(output[:, :, a::2, b::2], expected, rtol=0, atol=0)
+
+
+def assert_deinterleaves(grad_output: torch.Tensor) -> None:
+    """Each parity's window of interleave_parities_backward(grad_output) (and of the strided
+    copy's) is its pixels of grad_output, and the row and column no output pixel reads are zero."""
+    for deinterleave in (torch.ops.dfkd_fast.interleave_parities_backward, deinterleave_by_copy):
+        assert_deinterleaved(grad_output, deinterleave(grad_output))
+
+
+def assert_deinterleaved(grad_output: torch.Tensor, grad_maps: torch.Tensor) -> None:
+    out_channels, height, width = grad_output.shape[1], *(s // 2 for s in grad_output.shape[2:])
+    assert grad_maps.shape == (grad_output.shape[0], 4 * out_channels, height + 1, width + 1)
+    assert grad_maps.dtype == grad_output.dtype
+    assert grad_maps.is_contiguous(memory_format=tensor_memory_format(grad_output))
+    by_parity = grad_maps.unflatten(1, (2, 2, out_channels))
+    for a in (0, 1):
+        for b in (0, 1):
+            window = by_parity[:, a, b, :, a : a + height, b : b + width]
+            torch.testing.assert_close(window, grad_output[:, :, a::2, b::2], rtol=0, atol=0)
+    assert by_parity[:, 0, :, :, -1].eq(0).all() and by_parity[:, 1, :, :, 0].eq(0).all()
+    assert by_parity[:, :, 0, :, :, -1].eq(0).all() and by_parity[:, :, 1, :, :, 0].eq(0).all()
+
+
+def random_tensor(shape, dtype, memory_format, seed):
+    values = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 1e3
+    return values.to(dtype).contiguous(memory_format=memory_format)
+
+
+# (N, O, H, W) of the output's half: the preset's layers, odd and non-square ones, 1 x 1 maps
+INTERLEAVE_SHAPES = [(3, 16, 8, 8), (2, 5, 3, 7), (1, 1, 1, 1), (2, 3, 6, 1), (1, 33, 2, 5)]
+
+
+@pytest.mark.parametrize("shape", INTERLEAVE_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
+                         ids=str)  # fmt: skip
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
-def test_the_interleaving_reads_and_writes_views_of_larger_tensors(channels_last):
-    """The interleaving copies through a strided view of its input's storage: a slice with an
-    offset and padded strides must give what each parity's window gives."""
+def test_the_interleaving_puts_each_parity_window_in_place(shape, dtype, channels_last):
+    n, out_channels, height, width = shape
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    seed = sum(shape) + 7 * channels_last
+    assert_interleaves(
+        random_tensor((n, 4 * out_channels, height + 1, width + 1), dtype, memory_format, seed)
+    )  # fmt: skip
+    assert_deinterleaves(
+        random_tensor((n, out_channels, 2 * height, 2 * width), dtype, memory_format, seed + 1)
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_the_interleaving_reads_views_of_larger_tensors(channels_last):
+    """Views that are neither contiguous nor channels_last take PyTorch's strided copy: a slice
+    with an offset and padded strides must give what each parity's window gives."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     storage = torch.randn(3, 20, 7, 9).contiguous(memory_format=memory_format)
     maps = storage[1:, 4:16, 1:6, 2:9]  # (2, 12, 5, 7): O = 3, H = 4, W = 6
-    output = torch.ops.dfkd_fast.interleave_parities(maps)
-    by_parity = maps.unflatten(1, (2, 2, 3))
-    for a in (0, 1):
-        for b in (0, 1):
-            expected = by_parity[:, a, b, :, a : a + 4, b : b + 6]
-            torch.testing.assert_close(output[:, :, a::2, b::2], expected, rtol=0, atol=0)
+    assert not maps.is_contiguous(memory_format=memory_format)
+    assert_interleaves(maps)
     grad_output = torch.randn(3, 3, 9, 13).contiguous(memory_format=memory_format)[1:, :, 1:, 1:]
-    grad_maps = torch.ops.dfkd_fast.interleave_parities_backward(grad_output)
-    by_parity = grad_maps.unflatten(1, (2, 2, 3))
-    for a in (0, 1):
-        for b in (0, 1):
-            window = by_parity[:, a, b, :, a : a + 4, b : b + 6]
-            torch.testing.assert_close(window, grad_output[:, :, a::2, b::2], rtol=0, atol=0)
+    assert_deinterleaves(grad_output)
 
 
-def test_the_interleaving_backward_zeroes_what_no_output_reads():
-    grad_output = torch.randn(1, 2, 4, 6)
-    grad_maps = torch.ops.dfkd_fast.interleave_parities_backward(grad_output)
-    maps = torch.randn_like(grad_maps).requires_grad_()
-    (torch.ops.dfkd_fast.interleave_parities(maps) * grad_output).sum().backward()
-    torch.testing.assert_close(grad_maps, maps.grad, rtol=0, atol=0)
-    by_parity = grad_maps.unflatten(1, (2, 2, 2))
-    assert by_parity[:, 0, :, :, -1].eq(0).all() and by_parity[:, 1, :, :, 0].eq(0).all()
-    assert by_parity[:, :, 0, :, :, -1].eq(0).all() and by_parity[:, :, 1, :, :, 0].eq(0).all()
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_autograd_of_the_interleaving_is_its_backward_op_and_back(channels_last):
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    maps = random_tensor((2, 8, 4, 6), torch.float32, memory_format, 1).requires_grad_()
+    grad_output = random_tensor((2, 2, 6, 10), torch.float32, memory_format, 2)
+    (grad_maps,) = torch.autograd.grad(
+        torch.ops.dfkd_fast.interleave_parities(maps), maps, grad_output
+    )  # fmt: skip
+    expected = torch.ops.dfkd_fast.interleave_parities_backward(grad_output)
+    torch.testing.assert_close(grad_maps, expected, rtol=0, atol=0)
+    grad_output.requires_grad_()
+    (grad_grad,) = torch.autograd.grad(
+        torch.ops.dfkd_fast.interleave_parities_backward(grad_output), grad_output, maps.detach()
+    )  # fmt: skip
+    torch.testing.assert_close(
+        grad_grad, torch.ops.dfkd_fast.interleave_parities(maps.detach()), rtol=0, atol=0
+    )  # fmt: skip
+
+
+needs_interleave_kernels = pytest.mark.skipif(
+    not _extension.has_kernel("interleave_parities_kernel", "cpu"),
+    reason=_extension.extension_status(),
+)
+
+
+def interleave_kernel_calls(function) -> int:
+    return sum(
+        op_calls(function, f"dfkd_fast::{name}")
+        for name in ("interleave_parities_kernel", "interleave_parities_backward_kernel")
+    )  # fmt: skip
+
+
+@needs_interleave_kernels
+def test_the_extension_kernels_interleave_dense_cpu_tensors_of_2_or_4_byte_elements():
+    maps = torch.randn(2, 8, 4, 5)
+    grad_output = torch.randn(2, 2, 6, 8)
+
+    def both(maps, grad_output):
+        return lambda: (torch.ops.dfkd_fast.interleave_parities(maps),
+                        torch.ops.dfkd_fast.interleave_parities_backward(grad_output))  # fmt: skip
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for memory_format in (torch.contiguous_format, torch.channels_last):
+            dense = [t.to(dtype).contiguous(memory_format=memory_format)
+                     for t in (maps, grad_output)]  # fmt: skip
+            assert interleave_kernel_calls(both(*dense)) == 2
+    assert interleave_kernel_calls(both(maps.double(), grad_output.double())) == 0
+    assert interleave_kernel_calls(both(maps[:, :, :, :-1], grad_output[:, :, :, :-2])) == 0
+    with dfkd_fast.use_backend("reference"):
+        assert interleave_kernel_calls(both(maps, grad_output)) == 0
+
+
+@needs_interleave_kernels
+@pytest.mark.parametrize(
+    "op,tensor,message",
+    [
+        ("interleave_parities_kernel", torch.randn(2, 6, 3, 3), "maps must have shape"),
+        ("interleave_parities_kernel", torch.randn(2, 8, 1, 3), "maps must have shape"),
+        ("interleave_parities_kernel", torch.randn(2, 8, 3, 3).double(), "2- or 4-byte"),
+        ("interleave_parities_kernel", torch.randn(2, 8, 3, 5)[..., ::2], "channels_last"),
+        ("interleave_parities_backward_kernel", torch.randn(2, 3, 5, 4), "grad_output must"),
+        ("interleave_parities_backward_kernel", torch.randn(2, 3, 4), "grad_output must"),
+    ],
+)
+def test_the_extension_kernels_reject_what_they_cannot_serve(op, tensor, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        getattr(torch.ops.dfkd_fast, op)(tensor)
 
 
 def test_torch_compile_matches_eager():

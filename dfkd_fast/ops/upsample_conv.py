@@ -15,9 +15,12 @@ input (plus one border row and column), and the 4x larger upsampled input is nev
 to the reference up to float rounding.
 
 The interleaving is the operator ``dfkd_fast::interleave_parities`` (autograd's own backward of
-four strided slices would fill and add four zero tensors of the map's size); the kernels are
-built from the weight, and convolved, with ordinary differentiable PyTorch ops, so autocast and
-autograd treat the convolution as they treat ``nn.Conv2d``'s.
+four strided slices would fill and add four zero tensors of the map's size). On the CPU the
+extension's kernels do it and its backward (csrc/cpu/interleave_parities.cpp), one contiguous
+row of what they write at a time, for contiguous or channels_last tensors of 2- or 4-byte
+elements; PyTorch's strided copy of the same views, which runs elsewhere, takes 3-7x as long
+there. The kernels are built from the weight, and convolved, with ordinary differentiable PyTorch
+ops, so autocast and autograd treat the convolution as they treat ``nn.Conv2d``'s.
 """
 
 from __future__ import annotations
@@ -28,9 +31,16 @@ import torch.nn.functional as F
 from dfkd_fast.backend import Implementation, KernelKind, choose_implementation
 from dfkd_fast.ops._checks import check_layer_tensors
 
-__all__ = ["upsample_conv2d", "upsample_conv2d_reference", "parity_kernels"]
+__all__ = [
+    "upsample_conv2d",
+    "upsample_conv2d_reference",
+    "parity_kernels",
+    "interleave_by_copy",
+    "deinterleave_by_copy",
+]
 
 OP_NAME = "upsample_conv2d"
+INTERLEAVE_KERNEL_OP_NAME = "interleave_parities_kernel"
 KERNEL_SIZE = 3
 
 
@@ -103,25 +113,30 @@ def _empty_parity_maps(grad_output: torch.Tensor) -> torch.Tensor:
     )  # fmt: skip
 
 
-@torch.library.custom_op("dfkd_fast::interleave_parities", mutates_args=())
-def _interleave_parities(maps: torch.Tensor) -> torch.Tensor:
-    """(N, 4 O, H + 1, W + 1) parity maps -> (N, O, 2H, 2W), in the maps' memory format:
+def _interleave_kernel_serves(tensor: torch.Tensor) -> bool:
+    """Whether the extension's CPU kernels interleave (or de-interleave) this tensor."""
+    return (
+        tensor.device.type == "cpu"
+        and (tensor.is_contiguous() or tensor.is_contiguous(memory_format=torch.channels_last))
+        and choose_implementation(
+            INTERLEAVE_KERNEL_OP_NAME, KernelKind.EXTENSION, tensor.device, tensor.dtype
+        )
+        is Implementation.EXTENSION
+    )
+
+
+def interleave_by_copy(maps: torch.Tensor) -> torch.Tensor:
+    """What ``dfkd_fast::interleave_parities`` computes, by PyTorch's strided copy: (N, 4 O,
+    H + 1, W + 1) parity maps -> (N, O, 2H, 2W), in the maps' memory format, with
     output[n, o, 2i + a, 2j + b] = maps[n, (2a + b) O + o, i + a, j + b]."""
-    _check_maps(maps)
     output = _empty_interleaved(maps)
     height, width = output.shape[2] // 2, output.shape[3] // 2
     _pixels_by_parity(output).copy_(_by_parity(maps, height, width))
     return output
 
 
-@torch.library.custom_op("dfkd_fast::interleave_parities_backward", mutates_args=())
-def _interleave_parities_backward(grad_output: torch.Tensor) -> torch.Tensor:
-    """The gradient of the parity maps: each parity's window gets its pixels of grad_output; the
-    one row and column of each map that no output pixel reads get zeros."""
-    if grad_output.dim() != 4 or grad_output.shape[2] % 2 or grad_output.shape[3] % 2:
-        raise ValueError(
-            f"grad_output must have shape (N, O, 2H, 2W), got {tuple(grad_output.shape)}"
-        )
+def deinterleave_by_copy(grad_output: torch.Tensor) -> torch.Tensor:
+    """What ``dfkd_fast::interleave_parities_backward`` computes, by PyTorch's strided copy."""
     grad_maps = _empty_parity_maps(grad_output)
     height, width = grad_output.shape[2] // 2, grad_output.shape[3] // 2
     _by_parity(grad_maps, height, width).copy_(_pixels_by_parity(grad_output))
@@ -132,6 +147,29 @@ def _interleave_parities_backward(grad_output: torch.Tensor) -> torch.Tensor:
             maps_of_parity[:, a, b, :, unread_row, :].zero_()
             maps_of_parity[:, a, b, :, :, unread_column].zero_()
     return grad_maps
+
+
+@torch.library.custom_op("dfkd_fast::interleave_parities", mutates_args=())
+def _interleave_parities(maps: torch.Tensor) -> torch.Tensor:
+    """(N, 4 O, H + 1, W + 1) parity maps -> (N, O, 2H, 2W), in the maps' memory format:
+    output[n, o, 2i + a, 2j + b] = maps[n, (2a + b) O + o, i + a, j + b]."""
+    _check_maps(maps)
+    if _interleave_kernel_serves(maps):
+        return torch.ops.dfkd_fast.interleave_parities_kernel(maps)
+    return interleave_by_copy(maps)
+
+
+@torch.library.custom_op("dfkd_fast::interleave_parities_backward", mutates_args=())
+def _interleave_parities_backward(grad_output: torch.Tensor) -> torch.Tensor:
+    """The gradient of the parity maps: each parity's window gets its pixels of grad_output; the
+    one row and column of each map that no output pixel reads get zeros."""
+    if grad_output.dim() != 4 or grad_output.shape[2] % 2 or grad_output.shape[3] % 2:
+        raise ValueError(
+            f"grad_output must have shape (N, O, 2H, 2W), got {tuple(grad_output.shape)}"
+        )
+    if _interleave_kernel_serves(grad_output):
+        return torch.ops.dfkd_fast.interleave_parities_backward_kernel(grad_output)
+    return deinterleave_by_copy(grad_output)
 
 
 @_interleave_parities.register_fake
