@@ -7,6 +7,9 @@ replay from the first step), so that the machine's drift affects both alike. --l
                       against the nn.Conv2d it derives from
     max_pool          MaxPool2x2 with gradients (LeNet-5's pooling in the student and in the
                       generator update) by the max_pool2x2 kernel against max_pool2d
+    interleave        UpsampleConv2d (the generator's and the VAE decoder's) with its parity maps
+                      interleaved, and their gradient gathered, by the extension's CPU kernels
+                      against PyTorch's strided copy of the same views
 
 Run:
 
@@ -19,10 +22,17 @@ from __future__ import annotations
 import argparse
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dfkd_fast.models.layers import MaxPool2x2
-from dfkd_fast.nn import FewChannelConv2d
+from dfkd_fast.nn import FewChannelConv2d, UpsampleConv2d
+from dfkd_fast.ops.upsample_conv import (
+    deinterleave_by_copy,
+    interleave_by_copy,
+    parity_kernels,
+    tensor_memory_format,
+)
 from harness import (
     add_step_comparison_arguments,
     compare_step_variants,
@@ -40,12 +50,33 @@ class MaxPool2x2WithMaxPool2dGradient(MaxPool2x2):
         return super().forward(x)
 
 
+class InterleaveByCopy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, maps):
+        return interleave_by_copy(maps)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return deinterleave_by_copy(grad_output)
+
+
+class UpsampleConv2dWithStridedCopy(UpsampleConv2d):
+    """UpsampleConv2d as it was: its parity maps interleaved by PyTorch's strided copy."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernels = parity_kernels(self.weight).contiguous(memory_format=tensor_memory_format(x))
+        bias = None if self.bias is None else self.bias.repeat(4)
+        return InterleaveByCopy.apply(F.conv2d(x, kernels, bias, padding=1))
+
+
 # layer -> {name: class}, dfkd_fast's first. Neither class adds state to the other, so a layer's
 # class is all that tells the two apart: switching it keeps the parameters (and the optimisers'
 # hold on them).
 SWAPS = {
     "few_channel_conv": {"FewChannelConv2d": FewChannelConv2d, "nn.Conv2d": nn.Conv2d},
     "max_pool": {"max_pool2x2 kernel": MaxPool2x2, "max_pool2d": MaxPool2x2WithMaxPool2dGradient},
+    "interleave": {"interleave kernels": UpsampleConv2d,
+                   "strided copy": UpsampleConv2dWithStridedCopy},  # fmt: skip
 }
 
 
