@@ -186,32 +186,22 @@ DFKD_ALWAYS_INLINE void gather_rows_nchw(const Args& s, int64_t begin, int64_t e
   }
 }
 
-DFKD_CPU_CLONES void interleave_nhwc_16(const Args& s, int64_t b, int64_t e) {
-  interleave_rows_nhwc<uint16_t>(s, b, e);
-}
-DFKD_CPU_CLONES void interleave_nhwc_32(const Args& s, int64_t b, int64_t e) {
-  interleave_rows_nhwc<uint32_t>(s, b, e);
-}
-DFKD_CPU_CLONES void interleave_nchw_16(const Args& s, int64_t b, int64_t e) {
-  interleave_rows_nchw<uint16_t>(s, b, e);
-}
-DFKD_CPU_CLONES void interleave_nchw_32(const Args& s, int64_t b, int64_t e) {
-  interleave_rows_nchw<uint32_t>(s, b, e);
-}
-DFKD_CPU_CLONES void gather_nhwc_16(const Args& s, int64_t b, int64_t e) {
-  gather_rows_nhwc<uint16_t>(s, b, e);
-}
-DFKD_CPU_CLONES void gather_nhwc_32(const Args& s, int64_t b, int64_t e) {
-  gather_rows_nhwc<uint32_t>(s, b, e);
-}
-DFKD_CPU_CLONES void gather_nchw_16(const Args& s, int64_t b, int64_t e) {
-  gather_rows_nchw<uint16_t>(s, b, e);
-}
-DFKD_CPU_CLONES void gather_nchw_32(const Args& s, int64_t b, int64_t e) {
-  gather_rows_nchw<uint32_t>(s, b, e);
-}
-
 using Rows = void (*)(const Args&, int64_t, int64_t);
+
+// `table`: rows_function<uint16_t> and <uint32_t>, each compiled for every CPU clone.
+#define DFKD_ELEMENT_SIZE_CLONES(table, rows_function)                         \
+  DFKD_CPU_CLONES void table##_16(const Args& s, int64_t begin, int64_t end) { \
+    rows_function<uint16_t>(s, begin, end);                                    \
+  }                                                                            \
+  DFKD_CPU_CLONES void table##_32(const Args& s, int64_t begin, int64_t end) { \
+    rows_function<uint32_t>(s, begin, end);                                    \
+  }                                                                            \
+  const Rows table[2] = {table##_16, table##_32};
+
+DFKD_ELEMENT_SIZE_CLONES(interleave_nhwc, interleave_rows_nhwc)
+DFKD_ELEMENT_SIZE_CLONES(interleave_nchw, interleave_rows_nchw)
+DFKD_ELEMENT_SIZE_CLONES(gather_nhwc, gather_rows_nhwc)
+DFKD_ELEMENT_SIZE_CLONES(gather_nchw, gather_rows_nchw)
 
 // channels_last when the tensor is laid out so and not also contiguous, as the Python side picks.
 bool channels_last(const at::Tensor& t) {
@@ -225,9 +215,9 @@ void check_tensor(const at::Tensor& t, const char* name) {
                     " must be contiguous or channels_last, got strides ", t.strides());
 }
 
-void run_rows(const Args& args, int64_t rows, int64_t row_elements, Rows rows_16, Rows rows_32,
+void run_rows(const Args& args, int64_t rows, int64_t row_elements, const Rows (&by_size)[2],
               int64_t element_size) {
-  const Rows kernel = element_size == 2 ? rows_16 : rows_32;
+  const Rows kernel = by_size[element_size == 2 ? 0 : 1];
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, row_elements));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
 }
@@ -252,11 +242,11 @@ at::Tensor interleave_parities_cpu(const at::Tensor& maps) {
   args.source = maps.data_ptr();
   args.destination = out.data_ptr();
   if (nhwc) {
-    run_rows(args, shape.N * 2 * shape.H, 2 * shape.W * shape.O, interleave_nhwc_16,
-             interleave_nhwc_32, maps.element_size());
+    run_rows(args, shape.N * 2 * shape.H, 2 * shape.W * shape.O, interleave_nhwc,
+             maps.element_size());
   } else {
-    run_rows(args, shape.N * shape.O * 2 * shape.H, 2 * shape.W, interleave_nchw_16,
-             interleave_nchw_32, maps.element_size());
+    run_rows(args, shape.N * shape.O * 2 * shape.H, 2 * shape.W, interleave_nchw,
+             maps.element_size());
   }
   return out;
 }
@@ -280,11 +270,11 @@ at::Tensor interleave_parities_backward_cpu(const at::Tensor& grad_output) {
   args.source = grad_output.data_ptr();
   args.destination = grad_maps.data_ptr();
   if (nhwc) {
-    run_rows(args, shape.N * (shape.H + 1), (shape.W + 1) * 4 * shape.O, gather_nhwc_16,
-             gather_nhwc_32, grad_output.element_size());
+    run_rows(args, shape.N * (shape.H + 1), (shape.W + 1) * 4 * shape.O, gather_nhwc,
+             grad_output.element_size());
   } else {
-    run_rows(args, shape.N * shape.O * (shape.H + 1), 4 * (shape.W + 1), gather_nchw_16,
-             gather_nchw_32, grad_output.element_size());
+    run_rows(args, shape.N * shape.O * (shape.H + 1), 4 * (shape.W + 1), gather_nchw,
+             grad_output.element_size());
   }
   return grad_maps;
 }
