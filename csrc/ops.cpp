@@ -55,7 +55,8 @@ TORCH_LIBRARY(dfkd_fast, m) {
 
   // A stride-1 convolution (cross-correlation) of x (N, C, H, W) with weight (O, C, KH, KW), zero
   // padding (ph, pw), plus bias: conv2d(x, weight, bias, padding=padding) in float32, for few
-  // output channels (see cpu/narrow_conv.cpp). The output is channels_last. CPU only; its
+  // output channels or one input channel (see cpu/narrow_conv.cpp). The output is channels_last
+  // (for one input channel: where x or the weight is strided so, as conv2d picks). CPU only; its
   // gradients are convolutions registered from Python (dfkd_fast/ops/few_channel_conv.py).
   m.def("narrow_conv2d(Tensor x, Tensor weight, Tensor? bias, int[2] padding) -> Tensor",
         {at::Tag::pt2_compliant_tag});

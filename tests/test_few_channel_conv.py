@@ -27,8 +27,8 @@ needs_kernel = pytest.mark.skipif(
 )
 
 # (N, C, H, W, O, (KH, KW), padding): one to three channels out (the kernel's forward) or in (its
-# input gradient), odd and non-square sizes, 1 x 1 images, padding beyond the kernel, and a wide
-# layer that neither serves
+# input gradient), one channel in (both), odd and non-square sizes, 1 x 1 images, padding beyond
+# the kernel, and a wide layer that neither serves
 SHAPES = [
     (3, 16, 9, 7, 1, (3, 3), 1),
     (2, 6, 11, 10, 1, (5, 5), 4),
@@ -78,17 +78,21 @@ def kernel_calls(function) -> int:
 
 @needs_kernel
 def test_the_kernel_computes_what_it_serves():
-    """Forward of a layer to one channel; the input gradient of a layer from one channel (a
-    5x5 kernel on three channels: the kernel rows of its gradient hold 5 * 6 values); neither
-    for a wide layer, a contiguous multi-channel input, another dtype, or the forward of a
-    layer from one channel (kernel rows of 5 values)."""
+    """Forward of a layer to one channel; forward and input gradient of a layer from one channel
+    (a 5x5 kernel to six channels: the kernel rows of its gradient hold 5 * 6 values); the
+    input gradient of a layer to one channel from up to ONE_CHANNEL_MAX_OUTPUTS; neither for a
+    wide layer, a contiguous multi-channel input or another dtype."""
     to_one = make_inputs((2, 16, 9, 7, 1, (3, 3), 1), torch.float32, True)
     assert kernel_calls(lambda: few_channel_conv2d(*to_one, 1)) == 1
     x, weight, bias = make_inputs((2, 1, 12, 12, 6, (5, 5), 0), torch.float32, True)
     x.requires_grad_()
-    assert kernel_calls(lambda: few_channel_conv2d(x, weight, bias)) == 0
+    assert kernel_calls(lambda: few_channel_conv2d(x, weight, bias)) == 1
     output = few_channel_conv2d(x, weight, bias)
     assert kernel_calls(lambda: output.sum().backward()) == 1
+    for in_channels, calls in ((6, 1), (16, 0)):  # the flipped kernel: 1 to 6, or 1 to 16
+        x, weight, bias = make_inputs((2, in_channels, 9, 7, 1, (3, 3), 1), torch.float32, True)
+        output = few_channel_conv2d(x.requires_grad_(), weight, bias, 1)
+        assert kernel_calls(lambda: output.sum().backward()) == calls
     wide = make_inputs((2, 8, 5, 5, 8, (3, 3), 1), torch.float32, True)
     assert kernel_calls(lambda: few_channel_conv2d(*wide, 1)) == 0
     contiguous = make_inputs((2, 16, 9, 7, 1, (3, 3), 1), torch.float32, False)
@@ -125,6 +129,36 @@ def test_the_kernel_on_random_shapes_and_views(seed):
 
 
 @needs_kernel
+@pytest.mark.parametrize("seed", range(8))
+def test_the_kernel_on_one_input_channel(seed):
+    """One input channel: any number of output channels (blocks of up to six), rows of output
+    pixels shorter and longer than a block of 16, padding up to and past the kernel, views."""
+    g = torch.Generator().manual_seed(100 + seed)
+
+    def draw(low, high):
+        return int(torch.randint(low, high + 1, (1,), generator=g))
+
+    n, out_channels = draw(1, 3), draw(1, 20)
+    kernel = (draw(1, 6), draw(1, 6))
+    padding = [draw(0, kernel[0] + 1), draw(0, kernel[1] + 1)]
+    height = max(1, kernel[0] - 2 * padding[0]) + draw(0, 9)
+    width = max(1, kernel[1] - 2 * padding[1]) + draw(0, 40)
+    storage = torch.randn(n + 1, 1, height + 3, width + 2, generator=g) * 100
+    views = {torch.contiguous_format: storage[1:, :, 2:-1, 1:-1],
+             torch.channels_last: torch.empty_strided(
+                 (n, 1, height, width), (height * width, 1, width, 1)
+             ).copy_(storage[1:, :, 2:-1, 1:-1])}  # fmt: skip
+    weight = torch.randn(out_channels, 1, *kernel, generator=g)
+    bias = torch.randn(out_channels, generator=g)
+    for memory_format, x in views.items():  # the output's layout is conv2d's: x's strides pick
+        actual = torch.ops.dfkd_fast.narrow_conv2d(x, weight, bias, padding)
+        exact = F.conv2d(x.double(), weight.double(), bias.double(), padding=padding)
+        pytorch = F.conv2d(x, weight, bias, padding=padding)
+        assert actual.is_contiguous(memory_format=memory_format)
+        assert_as_accurate_as_pytorch(actual, pytorch, exact, torch.float32)
+
+
+@needs_kernel
 def test_large_and_tiny_values_lose_no_more_than_pytorch():
     x, weight, bias = make_inputs((2, 16, 9, 7, 1, (3, 3), 1), torch.float32, True)
     for scale in (1e-30, 1e30):
@@ -137,14 +171,17 @@ def test_large_and_tiny_values_lose_no_more_than_pytorch():
 
 
 @needs_kernel
-def test_the_result_does_not_depend_on_the_thread_count():
-    x, weight, bias = make_inputs((4, 16, 17, 13, 1, (3, 3), 1), torch.float32, True)
+@pytest.mark.parametrize("shape", [(4, 16, 17, 13, 1, (3, 3), 1), (16, 1, 32, 32, 6, (5, 5), 0)],
+                         ids=["to-one-channel", "from-one-channel"])  # fmt: skip
+def test_the_result_does_not_depend_on_the_thread_count(shape):
+    x, weight, bias = make_inputs(shape, torch.float32, True)
+    padding = [shape[-1]] * 2
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = torch.ops.dfkd_fast.narrow_conv2d(x, weight, bias, [1, 1])
+        one = torch.ops.dfkd_fast.narrow_conv2d(x, weight, bias, padding)
         torch.set_num_threads(max(2, threads))
-        several = torch.ops.dfkd_fast.narrow_conv2d(x, weight, bias, [1, 1])
+        several = torch.ops.dfkd_fast.narrow_conv2d(x, weight, bias, padding)
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(one, several, rtol=0, atol=0)

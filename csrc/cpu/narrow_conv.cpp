@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "common.h"
 
@@ -139,6 +140,100 @@ DFKD_CPU_CLONES void convolve_rows(const Args& a, int64_t begin, int64_t end) {
   }
 }
 
+// One input channel (a classifier's first layer on grey images; the input gradient of a layer to
+// one channel): a kernel row meets only KW values, too few for dot products over channels.
+// Instead a block of kLanes output pixels of one row is a vector, and each tap adds the input
+// vector under it times the tap's weight, broadcast, for up to kMaxSingleBlock channels at once.
+// The KH input rows are first copied into zero-padded rows, so that no load needs a bound check.
+constexpr int64_t kMaxSingleBlock = 6;
+constexpr int kSingleVectors = 2;  // 12 accumulators, 2 input vectors and a weight: 15 registers
+
+// The KH padded input rows of one output row, and where that row's output goes.
+struct PaddedRows {
+  const float* values;       // KH rows of `width` values
+  int64_t width, ilo, ihi;   // rows outside [ilo, ihi) lie in the zero padding
+  float* out;                // output pixel 0, channel 0 of the row
+  int64_t channel_stride;    // 1 in channels_last; Ho * Wo in the contiguous layout
+};
+
+// Output pixels xo .. xo + kVectors * kLanes - 1 (those below Wo), channels o .. o + kChannels - 1:
+// each tap's weight, broadcast, multiplies kVectors input vectors.
+template <int kChannels, int kVectors>
+DFKD_ALWAYS_INLINE void single_channel_block(const Args& a, const PaddedRows& rows, int64_t o,
+                                             int64_t xo) {
+  Lanes acc[kChannels][kVectors] = {};
+  for (int64_t i = rows.ilo; i < rows.ihi; ++i) {
+    const float* in = rows.values + i * rows.width + xo;
+    const float* w = a.weight + (o * a.KH + i) * a.KW;
+    for (int64_t j = 0; j < a.KW; ++j) {
+      Lanes values[kVectors];
+      for (int v = 0; v < kVectors; ++v) {
+        values[v] = load(in + j + v * kLanes);
+      }
+      for (int c = 0; c < kChannels; ++c) {
+        const float tap = w[c * a.KH * a.KW + j];
+        for (int v = 0; v < kVectors; ++v) {
+          acc[c][v] += values[v] * tap;
+        }
+      }
+    }
+  }
+  float tile[kChannels][kVectors * kLanes];
+  __builtin_memcpy(tile, acc, sizeof tile);
+  const int64_t pixels = std::min<int64_t>(kVectors * kLanes, a.Wo - xo);
+  if (rows.channel_stride == 1) {
+    float* out = rows.out + xo * a.O + o;
+    for (int64_t p = 0; p < pixels; ++p) {
+      for (int c = 0; c < kChannels; ++c) {
+        out[p * a.O + c] = tile[c][p] + (a.bias ? a.bias[o + c] : 0.0f);
+      }
+    }
+    return;
+  }
+  for (int c = 0; c < kChannels; ++c) {
+    const float bias = a.bias ? a.bias[o + c] : 0.0f;
+    float* __restrict out = rows.out + (o + c) * rows.channel_stride + xo;
+    for (int64_t p = 0; p < pixels; ++p) {
+      out[p] = tile[c][p] + bias;
+    }
+  }
+}
+
+// Rows [begin, end) of the (N * Ho) output rows of a one-channel input; `scratch` holds KH padded
+// rows of `width` values. The output is channels_last, or contiguous if `planar`.
+DFKD_CPU_CLONES void convolve_single_channel_rows(const Args& a, int64_t begin, int64_t end,
+                                                  float* scratch, int64_t width, bool planar) {
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t n = row / a.Ho, y = row % a.Ho;
+    const int64_t ilo = std::max<int64_t>(0, a.pad_h - y);
+    const int64_t ihi = std::max(ilo, std::min<int64_t>(a.KH, a.H + a.pad_h - y));
+    for (int64_t i = ilo; i < ihi; ++i) {
+      float* padded = scratch + i * width;
+      std::fill(padded, padded + width, 0.0f);
+      std::copy_n(a.x + (n * a.H + y + i - a.pad_h) * a.W, a.W, padded + a.pad_w);
+    }
+    float* out = planar ? a.out + (n * a.O * a.Ho + y) * a.Wo : a.out + row * a.Wo * a.O;
+    const PaddedRows rows{scratch, width, ilo, ihi, out, planar ? a.Ho * a.Wo : 1};
+    for (int64_t o = 0; o < a.O; o += kMaxSingleBlock) {
+      for (int64_t xo = 0; xo < a.Wo; xo += kSingleVectors * kLanes) {
+        switch (std::min(kMaxSingleBlock, a.O - o)) {
+          case 1: single_channel_block<1, kSingleVectors>(a, rows, o, xo); break;
+          case 2: single_channel_block<2, kSingleVectors>(a, rows, o, xo); break;
+          case 3: single_channel_block<3, kSingleVectors>(a, rows, o, xo); break;
+          case 4: single_channel_block<4, kSingleVectors>(a, rows, o, xo); break;
+          case 5: single_channel_block<5, kSingleVectors>(a, rows, o, xo); break;
+          default: single_channel_block<6, kSingleVectors>(a, rows, o, xo);
+        }
+      }
+    }
+  }
+}
+
+// Strided exactly as channels_last, even where a size-1 axis makes the layouts coincide.
+bool strided_channels_last(const at::Tensor& t) {
+  return t.stride(1) == 1 && t.stride(3) == t.size(1) && t.stride(2) == t.size(3) * t.size(1);
+}
+
 at::Tensor narrow_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
                              const std::optional<at::Tensor>& bias_in, at::IntArrayRef padding) {
   TORCH_CHECK_VALUE(x_in.dim() == 4, "x must have shape (N, C, H, W), got ", x_in.sizes());
@@ -165,8 +260,12 @@ at::Tensor narrow_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_in
   }
   const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor weight = weight_in.permute({0, 2, 3, 1}).contiguous();  // (O, KH, KW, C)
-  at::Tensor out =
-      at::empty({N, O, Ho, Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  // One input channel: channels_last as PyTorch's convolution picks it, from x's or the weight's
+  // strides; else always.
+  const bool planar = C == 1 && !strided_channels_last(x_in) && !strided_channels_last(weight_in);
+  at::Tensor out = at::empty(
+      {N, O, Ho, Wo}, x.options().memory_format(planar ? at::MemoryFormat::Contiguous
+                                                       : at::MemoryFormat::ChannelsLast));
   if (out.numel() == 0) {
     return out;
   }
@@ -174,7 +273,18 @@ at::Tensor narrow_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_in
                   bias.defined() ? bias.data_ptr<float>() : nullptr,
                   out.data_ptr<float>(), N, C, H, W, O, KH, KW, padding[0], padding[1], Ho, Wo};
   const int64_t row_multiply_adds = std::max<int64_t>(1, Wo * O * KH * KW * C);
-  at::parallel_for(0, N * Ho, std::max<int64_t>(1, kGrainMultiplyAdds / row_multiply_adds),
+  const int64_t grain = std::max<int64_t>(1, kGrainMultiplyAdds / row_multiply_adds);
+  if (C == 1) {
+    // every vector of kLanes output pixels reads KW - 1 values past it
+    const int64_t block = kSingleVectors * kLanes;
+    const int64_t width = (Wo + block - 1) / block * block + KW - 1;
+    at::parallel_for(0, N * Ho, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> scratch(KH * width);
+      convolve_single_channel_rows(args, begin, end, scratch.data(), width, planar);
+    });
+    return out;
+  }
+  at::parallel_for(0, N * Ho, grain,
                    [&](int64_t begin, int64_t end) { convolve_rows(args, begin, end); });
   return out;
 }

@@ -6,12 +6,17 @@ a convolution to one channel costs what eight would; the gradient with respect t
 layer with one input channel is such a convolution too. On the CPU, in float32 and channels_last,
 the extension's kernel ``dfkd_fast::narrow_conv2d`` computes these as dot products over the
 contiguous channels of each kernel row (csrc/cpu/narrow_conv.cpp), about 3x faster than oneDNN
-for one channel and no slower up to three (benchmarks/bench_few_channel_conv.py). So:
+for one channel and no slower up to three (benchmarks/bench_few_channel_conv.py). A convolution
+of a one-channel input (a LeNet's first layer on grey images) has kernel rows too short for dot
+products; the kernel computes it as rows of output pixels, each tap's weight times the input
+under them, about twice as fast as oneDNN for LeNet-5's 3 or 6. So:
 
-* forward: the kernel when there are at most ``NARROW_CHANNELS`` output channels;
+* forward: the kernel when there are at most ``NARROW_CHANNELS`` output channels, or one input
+  channel and at most ``ONE_CHANNEL_MAX_OUTPUTS``;
 * gradient of the input: for zero padding p <= K - 1 it is the convolution of the output's
   gradient with the kernel flipped and its channel axes swapped, padded by K - 1 - p, so the
-  kernel when there are at most ``NARROW_CHANNELS`` input channels;
+  kernel when there are at most ``NARROW_CHANNELS`` input channels, or one output channel and
+  at most ``ONE_CHANNEL_MAX_OUTPUTS`` input channels;
 * gradient of the weight and bias, and every other case: PyTorch's convolution.
 
 Elsewhere (another device or dtype, autocast, a contiguous multi-channel input, the reference
@@ -32,6 +37,9 @@ __all__ = ["few_channel_conv2d", "few_channel_conv2d_reference", "NARROW_CHANNEL
 KERNEL_OP_NAME = "narrow_conv2d"
 NARROW_CHANNELS = 3  # at most this many output channels, the kernel beats oneDNN
 MIN_KERNEL_ROW = 8  # input values a kernel row meets (KW * C): below this, few dot products
+# one input channel: up to this many output channels the kernel beats oneDNN in a step (the input
+# gradient of a generator's 16-to-1 last layer, a 1-to-16 convolution, does not gain)
+ONE_CHANNEL_MAX_OUTPUTS = 8
 
 
 def few_channel_conv2d_reference(
@@ -55,16 +63,22 @@ def _pair(padding) -> tuple[int, int]:
     return pair
 
 
+def _one_input_channel(weight: torch.Tensor) -> bool:
+    return weight.shape[1] == 1 and weight.shape[0] <= ONE_CHANNEL_MAX_OUTPUTS
+
+
 def _kernel_gains(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the narrow kernel can convolve x with weight, and gains: float32 CPU tensors, at
-    most NARROW_CHANNELS output channels and kernel rows of at least MIN_KERNEL_ROW values (a
-    LeNet's 5x5 first layer on one channel is oneDNN's). The kernel reads x in channels_last."""
+    """Whether the narrow kernel can convolve x with weight, and gains: float32 CPU tensors, and
+    either at most NARROW_CHANNELS output channels with kernel rows of at least MIN_KERNEL_ROW
+    values, or one input channel and at most ONE_CHANNEL_MAX_OUTPUTS output channels. The kernel
+    reads x in channels_last."""
+    out_channels, in_channels, _, kernel_width = weight.shape
+    narrow = out_channels <= NARROW_CHANNELS and in_channels * kernel_width >= MIN_KERNEL_ROW
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
-        and weight.shape[0] <= NARROW_CHANNELS
-        and weight.shape[1] * weight.shape[3] >= MIN_KERNEL_ROW
+        and (narrow or _one_input_channel(weight))
         and _extension.has_kernel(KERNEL_OP_NAME, "cpu")
     )
 
@@ -95,6 +109,12 @@ def _output_memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory
     return torch.contiguous_format
 
 
+def _narrow_output_memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
+    """The layout of the narrow kernel's output: channels_last, except for a one-channel input,
+    where it is conv2d's."""
+    return _output_memory_format(x, weight) if x.shape[1] == 1 else torch.channels_last
+
+
 def _convolve(x, weight, bias, padding) -> torch.Tensor:
     if _kernel_gains(x, weight) and x.is_contiguous(memory_format=torch.channels_last):
         output = torch.ops.dfkd_fast.narrow_conv2d(x, weight, bias, padding)
@@ -121,7 +141,7 @@ if _extension.extension_loaded():
 
     @torch.library.register_fake("dfkd_fast::narrow_conv2d")
     def _narrow_conv2d_fake(x, weight, bias, padding):
-        return _empty_output(x, weight, padding, torch.channels_last)
+        return _empty_output(x, weight, padding, _narrow_output_memory_format(x, weight))
 
 
 @torch.library.custom_op("dfkd_fast::few_channel_conv2d", mutates_args=())
@@ -230,8 +250,10 @@ def few_channel_conv2d(
                 f"smaller than the kernel {tuple(weight.shape[2:])}"
             )
     gradient_of_x = x.requires_grad and torch.is_grad_enabled()
-    narrow = weight.shape[0] <= NARROW_CHANNELS or (
-        gradient_of_x and weight.shape[1] <= NARROW_CHANNELS
+    narrow = (
+        weight.shape[0] <= NARROW_CHANNELS
+        or _one_input_channel(weight)
+        or (gradient_of_x and weight.shape[1] <= NARROW_CHANNELS)
     )
     if (
         not narrow
