@@ -2,7 +2,9 @@
 a step: dfkd_fast.few_channel_conv2d against eager PyTorch (conv2d) and torch.compile of it.
 Shapes are the presets' (batch 256, channels_last, float32). Which gradients a case takes is the
 step's: the generator's last layer needs all three, LeNet-5's first layer in the teacher only the
-input's (its weights are frozen; the generator learns through it). Run:
+input's (its weights are frozen; the generator learns through it), and none when the teacher
+labels the student's batches; the student's first layer needs its weight's and bias's when it
+learns. Run:
 
     python -m pytest benchmarks/bench_memory.py benchmarks/bench_few_channel_conv.py \
         --benchmark-json=out.json
@@ -22,6 +24,8 @@ SHAPES = [
     ("mnist generator last", 256, 16, 32, 1, 3, 1, (True, True, True)),
     ("mnist teacher first", 256, 1, 32, 6, 5, 0, (True, False, False)),
     ("mnist student first", 256, 1, 32, 3, 5, 0, (True, False, False)),
+    ("mnist teacher first, forward only", 256, 1, 32, 6, 5, 0, (False, False, False)),
+    ("mnist student first, learning", 256, 1, 32, 3, 5, 0, (False, True, True)),
     ("cifar10 generator last", 256, 64, 32, 3, 3, 1, (True, True, True)),
     ("cifar10 teacher first", 256, 3, 32, 16, 3, 1, (True, False, False)),
 ]
@@ -52,7 +56,9 @@ def test_few_channel_conv2d_forward_backward(benchmark, device, implementation, 
 
     def forward_backward():
         x.grad = weight.grad = bias.grad = None
-        function(x, weight, bias, padding).backward(grad_output)
+        output = function(x, weight, bias, padding)
+        if any(needs):
+            output.backward(grad_output)
 
     run = timed(forward_backward, device)
     for _ in range(3):  # compile and warm up outside the timed rounds
@@ -60,7 +66,9 @@ def test_few_channel_conv2d_forward_backward(benchmark, device, implementation, 
     output_numel = grad_output.numel()
     # forward reads x and writes the output; backward reads the output's gradient (and x for the
     # weight's) and writes x's gradient
-    tensors_moved = 2 * x.numel() + 2 * output_numel + (x.numel() if needs[1] else 0)
+    tensors_moved = x.numel() + output_numel
+    if any(needs):
+        tensors_moved += x.numel() + output_numel + (x.numel() if needs[1] else 0)
     describe(
         benchmark,
         device,
