@@ -18,9 +18,10 @@ The interleaving is the operator ``dfkd_fast::interleave_parities`` (autograd's 
 four strided slices would fill and add four zero tensors of the map's size). On the CPU the
 extension's kernels do it and its backward (csrc/cpu/interleave_parities.cpp), one contiguous
 row of what they write at a time, for contiguous or channels_last tensors of 2- or 4-byte
-elements; PyTorch's strided copy of the same views, which runs elsewhere, takes 3-7x as long
-there. The kernels are built from the weight, and convolved, with ordinary differentiable PyTorch
-ops, so autocast and autograd treat the convolution as they treat ``nn.Conv2d``'s.
+elements; PyTorch's strided copy of the same views, which runs elsewhere, takes 1.8-4.3x as long
+there at the mnist preset's shapes (forward and backward). The kernels are built from the
+weight, and convolved, with ordinary differentiable PyTorch ops, so autocast and autograd treat
+the convolution as they treat ``nn.Conv2d``'s.
 """
 
 from __future__ import annotations
