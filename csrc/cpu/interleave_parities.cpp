@@ -215,6 +215,13 @@ void check_tensor(const at::Tensor& t, const char* name) {
                     " must be contiguous or channels_last, got strides ", t.strides());
 }
 
+// An empty tensor of `size` in `like`'s layout.
+at::Tensor empty_in_layout_of(const at::Tensor& like, at::IntArrayRef size) {
+  return at::empty(size, like.options().memory_format(channels_last(like)
+                                                           ? at::MemoryFormat::ChannelsLast
+                                                           : at::MemoryFormat::Contiguous));
+}
+
 void run_rows(const Args& args, int64_t rows, int64_t row_elements, const Rows (&by_size)[2],
               int64_t element_size) {
   const Rows kernel = by_size[element_size == 2 ? 0 : 1];
@@ -228,25 +235,16 @@ at::Tensor interleave_parities_cpu(const at::Tensor& maps) {
                     "maps must have shape (N, 4 * out_channels, H + 1, W + 1) with H, W >= 1, "
                     "got ", maps.sizes());
   check_tensor(maps, "maps");
-  const bool nhwc = channels_last(maps);
-  const Args shape{nullptr, nullptr, maps.size(0), maps.size(1) / 4, maps.size(2) - 1,
-                   maps.size(3) - 1};
-  at::Tensor out = at::empty(
-      {shape.N, shape.O, 2 * shape.H, 2 * shape.W},
-      maps.options().memory_format(nhwc ? at::MemoryFormat::ChannelsLast
-                                        : at::MemoryFormat::Contiguous));
+  const int64_t N = maps.size(0), O = maps.size(1) / 4, H = maps.size(2) - 1, W = maps.size(3) - 1;
+  at::Tensor out = empty_in_layout_of(maps, {N, O, 2 * H, 2 * W});
   if (out.numel() == 0) {
     return out;
   }
-  Args args = shape;
-  args.source = maps.data_ptr();
-  args.destination = out.data_ptr();
-  if (nhwc) {
-    run_rows(args, shape.N * 2 * shape.H, 2 * shape.W * shape.O, interleave_nhwc,
-             maps.element_size());
+  const Args args{maps.data_ptr(), out.data_ptr(), N, O, H, W};
+  if (channels_last(maps)) {
+    run_rows(args, N * 2 * H, 2 * W * O, interleave_nhwc, maps.element_size());
   } else {
-    run_rows(args, shape.N * shape.O * 2 * shape.H, 2 * shape.W, interleave_nchw,
-             maps.element_size());
+    run_rows(args, N * O * 2 * H, 2 * W, interleave_nchw, maps.element_size());
   }
   return out;
 }
@@ -256,25 +254,17 @@ at::Tensor interleave_parities_backward_cpu(const at::Tensor& grad_output) {
                         grad_output.size(3) % 2 == 0,
                     "grad_output must have shape (N, O, 2H, 2W), got ", grad_output.sizes());
   check_tensor(grad_output, "grad_output");
-  const bool nhwc = channels_last(grad_output);
-  const Args shape{nullptr, nullptr, grad_output.size(0), grad_output.size(1),
-                   grad_output.size(2) / 2, grad_output.size(3) / 2};
-  at::Tensor grad_maps = at::empty(
-      {shape.N, 4 * shape.O, shape.H + 1, shape.W + 1},
-      grad_output.options().memory_format(nhwc ? at::MemoryFormat::ChannelsLast
-                                               : at::MemoryFormat::Contiguous));
+  const int64_t N = grad_output.size(0), O = grad_output.size(1);
+  const int64_t H = grad_output.size(2) / 2, W = grad_output.size(3) / 2;
+  at::Tensor grad_maps = empty_in_layout_of(grad_output, {N, 4 * O, H + 1, W + 1});
   if (grad_maps.numel() == 0) {
     return grad_maps;
   }
-  Args args = shape;
-  args.source = grad_output.data_ptr();
-  args.destination = grad_maps.data_ptr();
-  if (nhwc) {
-    run_rows(args, shape.N * (shape.H + 1), (shape.W + 1) * 4 * shape.O, gather_nhwc,
-             grad_output.element_size());
+  const Args args{grad_output.data_ptr(), grad_maps.data_ptr(), N, O, H, W};
+  if (channels_last(grad_output)) {
+    run_rows(args, N * (H + 1), (W + 1) * 4 * O, gather_nhwc, grad_output.element_size());
   } else {
-    run_rows(args, shape.N * shape.O * (shape.H + 1), 4 * (shape.W + 1), gather_nchw,
-             grad_output.element_size());
+    run_rows(args, N * O * (H + 1), 4 * (W + 1), gather_nchw, grad_output.element_size());
   }
   return grad_maps;
 }

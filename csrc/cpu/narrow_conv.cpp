@@ -180,21 +180,24 @@ DFKD_ALWAYS_INLINE void single_channel_block(const Args& a, const PaddedRows& ro
   }
   float tile[kChannels][kVectors * kLanes];
   __builtin_memcpy(tile, acc, sizeof tile);
+  float bias[kChannels];
+  for (int c = 0; c < kChannels; ++c) {
+    bias[c] = a.bias ? a.bias[o + c] : 0.0f;
+  }
   const int64_t pixels = std::min<int64_t>(kVectors * kLanes, a.Wo - xo);
   if (rows.channel_stride == 1) {
     float* out = rows.out + xo * a.O + o;
     for (int64_t p = 0; p < pixels; ++p) {
       for (int c = 0; c < kChannels; ++c) {
-        out[p * a.O + c] = tile[c][p] + (a.bias ? a.bias[o + c] : 0.0f);
+        out[p * a.O + c] = tile[c][p] + bias[c];
       }
     }
     return;
   }
   for (int c = 0; c < kChannels; ++c) {
-    const float bias = a.bias ? a.bias[o + c] : 0.0f;
     float* __restrict out = rows.out + (o + c) * rows.channel_stride + xo;
     for (int64_t p = 0; p < pixels; ++p) {
-      out[p] = tile[c][p] + bias;
+      out[p] = tile[c][p] + bias[c];
     }
   }
 }
