@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import resource
 import subprocess
 import sys
 
@@ -33,6 +34,9 @@ print(json.dumps({"retained": retained, "faults": faults}))
 """
 
 
+ROUND_PAGES = 8 * (4 << 20) // resource.getpagesize()
+
+
 def probe_faults(mode: str) -> dict:
     completed = subprocess.run([sys.executable, "-c", FAULT_PROBE, mode], check=True,
                                capture_output=True, text=True)  # fmt: skip
@@ -43,10 +47,12 @@ def probe_faults(mode: str) -> dict:
 def test_retained_memory_is_reused_without_page_faults():
     default, retained = probe_faults("default"), probe_faults("retain")
     assert retained["retained"] is True
-    # a round of fresh blocks faults in 8,192 pages; retained, the blocks come from the heap
-    # that the warm-up faulted in
-    assert retained["faults"] < 2 * 50, retained
-    assert default["faults"] > 4 * retained["faults"], (default, retained)
+    # a round of fresh blocks faults in 8,192 pages, so by default 50 rounds fault about 400,000.
+    # Retained, the blocks come from the heap that the warm-up faulted in. In about one run of
+    # four the heap still grows once, by two blocks (2,048 faults, which the thread pool's fill
+    # splits between its threads); that never recurs: 200 rounds fault the same 2,048 as 50.
+    assert retained["faults"] < ROUND_PAGES, retained
+    assert default["faults"] > 25 * ROUND_PAGES, default
 
 
 @pytest.mark.skipif(GLIBC, reason="on glibc the call succeeds")
