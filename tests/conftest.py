@@ -1,5 +1,5 @@
-"""Shared fixtures: the devices to test on; a comparison of weights; the main-thread check of the
-signal tests.
+"""Shared fixtures: the devices to test on; a comparison of weights; Python's SIGINT handler and
+the main-thread check of the signal tests.
 
 Without a GPU, the Triton kernels are tested under Triton's interpreter: TRITON_INTERPRET=1 is set
 here, before any kernel module is imported (Triton reads it when a kernel is decorated). Each
@@ -9,6 +9,7 @@ test picks the path it exercises (see the `implementation` fixtures of the op te
 from __future__ import annotations
 
 import os
+import signal
 import threading
 
 import pytest
@@ -20,6 +21,19 @@ if not CUDA_AVAILABLE:
 DEVICES = ["cpu"] + (["cuda"] if CUDA_AVAILABLE else [])
 
 requires_cuda = pytest.mark.skipif(not CUDA_AVAILABLE, reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def sigint_raises_keyboard_interrupt():
+    """Python's own SIGINT handler during each test. A process started with SIGINT ignored (a
+    background job of a non-interactive shell) keeps it ignored, and then the signal tests' second
+    Ctrl-C does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 def needs_the_main_thread() -> None:
