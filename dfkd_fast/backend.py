@@ -84,7 +84,8 @@ def requested_backend() -> Backend:
     override = _backend_override.get()
     if override is not None:
         return override
-    return parse_backend(os.environ.get(BACKEND_ENV_VAR, Backend.AUTO.value), BACKEND_ENV_VAR)
+    value = os.environ.get(BACKEND_ENV_VAR)
+    return Backend.AUTO if value is None else parse_backend(value, BACKEND_ENV_VAR)
 
 
 def _assume_constant_result(fn):
