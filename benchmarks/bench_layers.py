@@ -1,9 +1,9 @@
 """CPU-side layers of the training step against the plain PyTorch they replace: LeNet-5's 2x2
-max-pool without gradients (``MaxPool2x2``, the frozen teacher's pooling and evaluation) and with
-them (its ``max_pool2x2`` kernel, float32, forward + backward) against ``nn.MaxPool2d(2)``, and
-``random_translate`` (one flat gather) against the 4-d advanced indexing
-it replaced. Both give the same values bit for bit (tests/test_models.py, tests/test_unlabeled.py).
-Run:
+max-pool without gradients (``MaxPool2x2``: the frozen teacher's pooling and evaluation) and with
+them (its ``max_pool2x2`` kernel, float32, forward + backward) against ``nn.MaxPool2d(2)``, eager
+and (with gradients) compiled; and ``random_translate`` (one flat gather) against the 4-d
+advanced indexing it replaced. Both give the same values bit for bit (tests/test_models.py,
+tests/test_unlabeled.py). Run:
 
     python -m pytest benchmarks/bench_layers.py --benchmark-json=out.json
     python benchmarks/report.py out.json --op max_pool_2x2
@@ -68,11 +68,13 @@ def test_max_pool_2x2(benchmark, device, implementation, dtype, shape):
 
 
 @pytest.mark.parametrize("shape", POOL_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("implementation", ["eager", "dfkd_fast"])
+@pytest.mark.parametrize("implementation", ["eager", "torch.compile", "dfkd_fast"])
 def test_max_pool_2x2_forward_backward(benchmark, device, implementation, shape):
     skip_unless_cpu(device)
     images = _images(shape, "float32").requires_grad_()
-    pool = MaxPool2x2() if implementation == "dfkd_fast" else torch.nn.MaxPool2d(2)
+    pools = {"dfkd_fast": MaxPool2x2, "eager": lambda: torch.nn.MaxPool2d(2),
+             "torch.compile": lambda: torch.compile(torch.nn.MaxPool2d(2), dynamic=False)}
+    pool = pools[implementation]()
     grad_output = torch.randn(pool(images).shape, generator=torch.Generator().manual_seed(1))
     grad_output = grad_output.contiguous(memory_format=torch.channels_last)
 

@@ -5,8 +5,9 @@ replay from the first step), so that the machine's drift affects both alike. --l
 
     few_channel_conv  FewChannelConv2d (the generator's last convolution, LeNet-5's first)
                       against the nn.Conv2d it derives from
-    max_pool          MaxPool2x2 with gradients (LeNet-5's pooling in the student and in the
-                      generator update) by the max_pool2x2 kernel against max_pool2d
+    max_pool          MaxPool2x2 (LeNet-5's pooling) by the max_pool2x2 kernel against
+                      max_pool2d where a gradient is needed and the maximum of the four
+                      phases elsewhere, as before the kernel
     interleave        UpsampleConv2d (the generator's and the VAE decoder's) with its parity maps
                       interleaved, and their gradient gathered, by the extension's CPU kernels
                       against PyTorch's strided copy of the same views
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfkd_fast.models.layers import MaxPool2x2
+from dfkd_fast.models.layers import MaxPool2x2, max_of_phases
 from dfkd_fast.nn import FewChannelConv2d, UpsampleConv2d
 from dfkd_fast.ops.upsample_conv import (
     deinterleave_by_copy,
@@ -42,12 +43,13 @@ from harness import (
 )
 
 class MaxPool2x2WithMaxPool2dGradient(MaxPool2x2):
-    """MaxPool2x2 as it was: max_pool2d where a gradient is needed."""
+    """MaxPool2x2 as it was before its kernel: max_pool2d where a gradient is needed, else the
+    maximum of the four phases."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             return nn.MaxPool2d.forward(self, x)
-        return super().forward(x)
+        return max_of_phases(x)
 
 
 class InterleaveByCopy(torch.autograd.Function):

@@ -1,6 +1,7 @@
 // The schemas of every dfkd_fast operator, in one place, and the Python module dfkd_fast._C.
 // Kernels register their implementations per device in cpu/ and cuda/; fake (meta) and autograd
-// implementations are registered from Python (dfkd_fast/ops/).
+// implementations are registered from Python (dfkd_fast/ops/), except the autograd of kd_div and
+// max_pool2x2 (csrc/*_autograd.cpp).
 #include <Python.h>
 #include <torch/library.h>
 

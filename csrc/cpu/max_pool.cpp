@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -57,49 +58,171 @@ struct BackwardArgs {
   float* grad_x;  // (N, H, W, C)
 };
 
-// Output rows [begin, end) of the N * Ho.
-DFKD_CPU_CLONES void pool_rows(const ForwardArgs& a, int64_t begin, int64_t end) {
-  const int64_t C = a.s.C, row = a.s.W * C, out_row = a.s.Wo * C;
+// Up to kMaxSplitChannels channels, the kernels copy each block of windows' four corners into
+// four arrays in output order, so that the compares run on contiguous vectors; per window the
+// copies are four runs of C floats, which code compiled for that C moves in a few loads. With
+// more channels the loops over channels vectorise as they stand.
+constexpr int kMaxSplitChannels = 16;
+constexpr int64_t kCornerFloats = 512;  // floats per corner array of a block: 8 KiB in all
+
+// Maxima and positions of `count` windows whose corners lie in four arrays in output order.
+DFKD_ALWAYS_INLINE void pool_corners(const float* __restrict top_left,
+                                     const float* __restrict top_right,
+                                     const float* __restrict bottom_left,
+                                     const float* __restrict bottom_right, int64_t count,
+                                     float* __restrict out, uint8_t* __restrict where) {
+  for (int64_t i = 0; i < count; ++i) {
+    const float p = top_left[i], q = top_right[i], u = bottom_left[i], v = bottom_right[i];
+    const uint32_t right_of_top = replaces(q, p), right_of_bottom = replaces(v, u);
+    const float top_max = select(p, q, right_of_top), bottom_max = select(u, v, right_of_bottom);
+    const uint32_t bottom_row = replaces(bottom_max, top_max);
+    out[i] = select(top_max, bottom_max, bottom_row);
+    where[i] = static_cast<uint8_t>(bottom_row * (2 + right_of_bottom) +
+                                    (1 - bottom_row) * right_of_top);
+  }
+}
+
+// Output rows [begin, end) of the N * Ho, for tensors of C channels.
+template <int C>
+DFKD_ALWAYS_INLINE void pool_rows_split(const ForwardArgs& a, int64_t begin, int64_t end) {
+  constexpr int64_t kWindows = kCornerFloats / C;
+  float corners[4][kWindows * C];
+  const int64_t row = a.s.W * C, out_row = a.s.Wo * C;
   for (int64_t r = begin; r < end; ++r) {
     const int64_t n = r / a.s.Ho, y = r % a.s.Ho;
-    const float* __restrict top = a.x + (n * a.s.H + 2 * y) * row;
-    const float* __restrict bottom = top + row;
-    float* __restrict out = a.out + r * out_row;
-    uint8_t* __restrict where = a.where + r * out_row;
-    for (int64_t x = 0; x < a.s.Wo; ++x) {
-      const int64_t left = 2 * x * C;
-      for (int64_t c = 0; c < C; ++c) {
-        const float p = top[left + c], q = top[left + C + c];
-        const float u = bottom[left + c], v = bottom[left + C + c];
-        const uint32_t top_right = replaces(q, p), bottom_right = replaces(v, u);
-        const float top_max = select(p, q, top_right), bottom_max = select(u, v, bottom_right);
-        const uint32_t bottom_row = replaces(bottom_max, top_max);
-        out[x * C + c] = select(top_max, bottom_max, bottom_row);
-        where[x * C + c] = static_cast<uint8_t>(bottom_row * (2 + bottom_right) +
-                                                (1 - bottom_row) * top_right);
+    const float* top = a.x + (n * a.s.H + 2 * y) * row;
+    const float* bottom = top + row;
+    for (int64_t first = 0; first < a.s.Wo; first += kWindows) {
+      const int64_t windows = std::min(kWindows, a.s.Wo - first);
+      for (int64_t x = 0; x < windows; ++x) {
+        const int64_t left = 2 * (first + x) * C;
+        std::memcpy(corners[0] + x * C, top + left, sizeof(float) * C);
+        std::memcpy(corners[1] + x * C, top + left + C, sizeof(float) * C);
+        std::memcpy(corners[2] + x * C, bottom + left, sizeof(float) * C);
+        std::memcpy(corners[3] + x * C, bottom + left + C, sizeof(float) * C);
       }
+      const int64_t offset = r * out_row + first * C;
+      pool_corners(corners[0], corners[1], corners[2], corners[3], windows * C,
+                   a.out + offset, a.where + offset);
     }
   }
 }
 
-// Output rows [begin, end) of the N * Ho: their two input rows (three for a last odd row) are
-// zeroed, then each window's maximum gets the gradient.
-DFKD_CPU_CLONES void unpool_rows(const BackwardArgs& a, int64_t begin, int64_t end) {
+DFKD_ALWAYS_INLINE void pool_rows_by_channel(const ForwardArgs& a, int64_t begin, int64_t end) {
   const int64_t C = a.s.C, row = a.s.W * C, out_row = a.s.Wo * C;
   for (int64_t r = begin; r < end; ++r) {
     const int64_t n = r / a.s.Ho, y = r % a.s.Ho;
-    float* __restrict grad_x = a.grad_x + (n * a.s.H + 2 * y) * row;
-    const bool last_odd_row = y == a.s.Ho - 1 && a.s.H % 2 == 1;
-    std::memset(grad_x, 0, sizeof(float) * row * (last_odd_row ? 3 : 2));
-    const float* __restrict grad_out = a.grad_out + r * out_row;
-    const uint8_t* __restrict where = a.where + r * out_row;
+    const float* top = a.x + (n * a.s.H + 2 * y) * row;
+    const float* bottom = top + row;
     for (int64_t x = 0; x < a.s.Wo; ++x) {
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t w = where[x * C + c];
-        grad_x[(w >> 1) * row + (2 * x + (w & 1)) * C + c] = grad_out[x * C + c];
-      }
+      const int64_t left = 2 * x * C, offset = r * out_row + x * C;
+      pool_corners(top + left, top + left + C, bottom + left, bottom + left + C, C,
+                   a.out + offset, a.where + offset);
     }
   }
+}
+
+template <int C>
+DFKD_ALWAYS_INLINE void pool_rows_for(const ForwardArgs& a, int64_t begin, int64_t end) {
+  if constexpr (C > kMaxSplitChannels) {
+    pool_rows_by_channel(a, begin, end);
+  } else if (a.s.C == C) {
+    pool_rows_split<C>(a, begin, end);
+  } else {
+    pool_rows_for<C + 1>(a, begin, end);
+  }
+}
+
+DFKD_CPU_CLONES void pool_rows(const ForwardArgs& a, int64_t begin, int64_t end) {
+  pool_rows_for<1>(a, begin, end);
+}
+
+// Each window's gradient at its recorded corner and zero at the other three, in output order.
+DFKD_ALWAYS_INLINE void unpool_corners(const float* __restrict grad_out,
+                                       const uint8_t* __restrict where, int64_t count,
+                                       float* __restrict top_left, float* __restrict top_right,
+                                       float* __restrict bottom_left,
+                                       float* __restrict bottom_right) {
+  for (int64_t i = 0; i < count; ++i) {
+    const float g = grad_out[i];
+    const uint32_t w = where[i];
+    top_left[i] = select(0.0f, g, w == 0);
+    top_right[i] = select(0.0f, g, w == 1);
+    bottom_left[i] = select(0.0f, g, w == 2);
+    bottom_right[i] = select(0.0f, g, w == 3);
+  }
+}
+
+// The input positions of rows [2y, 2y + 2) that no window covers (a last odd column), and the
+// third row of a last odd row, are zeroed.
+DFKD_ALWAYS_INLINE void zero_uncovered(const Shape& s, int64_t y, float* grad_x) {
+  const int64_t row = s.W * s.C, covered = 2 * s.Wo * s.C;
+  if (covered < row) {
+    std::memset(grad_x + covered, 0, sizeof(float) * (row - covered));
+    std::memset(grad_x + row + covered, 0, sizeof(float) * (row - covered));
+  }
+  if (y == s.Ho - 1 && s.H % 2 == 1) {
+    std::memset(grad_x + 2 * row, 0, sizeof(float) * row);
+  }
+}
+
+// Output rows [begin, end) of the N * Ho, for tensors of C channels: each window's four input
+// positions are written, and the rest of its rows zeroed.
+template <int C>
+DFKD_ALWAYS_INLINE void unpool_rows_split(const BackwardArgs& a, int64_t begin, int64_t end) {
+  constexpr int64_t kWindows = kCornerFloats / C;
+  float corners[4][kWindows * C];
+  const int64_t row = a.s.W * C, out_row = a.s.Wo * C;
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t n = r / a.s.Ho, y = r % a.s.Ho;
+    float* top = a.grad_x + (n * a.s.H + 2 * y) * row;
+    float* bottom = top + row;
+    for (int64_t first = 0; first < a.s.Wo; first += kWindows) {
+      const int64_t windows = std::min(kWindows, a.s.Wo - first);
+      const int64_t offset = r * out_row + first * C;
+      unpool_corners(a.grad_out + offset, a.where + offset, windows * C, corners[0], corners[1],
+                     corners[2], corners[3]);
+      for (int64_t x = 0; x < windows; ++x) {
+        const int64_t left = 2 * (first + x) * C;
+        std::memcpy(top + left, corners[0] + x * C, sizeof(float) * C);
+        std::memcpy(top + left + C, corners[1] + x * C, sizeof(float) * C);
+        std::memcpy(bottom + left, corners[2] + x * C, sizeof(float) * C);
+        std::memcpy(bottom + left + C, corners[3] + x * C, sizeof(float) * C);
+      }
+    }
+    zero_uncovered(a.s, y, top);
+  }
+}
+
+DFKD_ALWAYS_INLINE void unpool_rows_by_channel(const BackwardArgs& a, int64_t begin,
+                                               int64_t end) {
+  const int64_t C = a.s.C, row = a.s.W * C, out_row = a.s.Wo * C;
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t n = r / a.s.Ho, y = r % a.s.Ho;
+    float* top = a.grad_x + (n * a.s.H + 2 * y) * row;
+    float* bottom = top + row;
+    for (int64_t x = 0; x < a.s.Wo; ++x) {
+      const int64_t left = 2 * x * C, offset = r * out_row + x * C;
+      unpool_corners(a.grad_out + offset, a.where + offset, C, top + left, top + left + C,
+                     bottom + left, bottom + left + C);
+    }
+    zero_uncovered(a.s, y, top);
+  }
+}
+
+template <int C>
+DFKD_ALWAYS_INLINE void unpool_rows_for(const BackwardArgs& a, int64_t begin, int64_t end) {
+  if constexpr (C > kMaxSplitChannels) {
+    unpool_rows_by_channel(a, begin, end);
+  } else if (a.s.C == C) {
+    unpool_rows_split<C>(a, begin, end);
+  } else {
+    unpool_rows_for<C + 1>(a, begin, end);
+  }
+}
+
+DFKD_CPU_CLONES void unpool_rows(const BackwardArgs& a, int64_t begin, int64_t end) {
+  unpool_rows_for<1>(a, begin, end);
 }
 
 Shape shape_of(const at::Tensor& x) {

@@ -1,14 +1,13 @@
-"""2x2 max-pooling with stride 2 (LeNet-5's pooling) whose gradient is needed, for few channels.
+"""2x2 max-pooling with stride 2 (LeNet-5's pooling), with the position of each maximum.
 
 PyTorch's CPU pooling with indices vectorises over channels in channels_last, which does little
-for LeNet-5-half's 3 channels: 2.2 ms for a batch of 256 at 28x28 on 2 cores, 6x a plain
-elementwise maximum of the same data. The extension's kernel ``dfkd_fast::max_pool2x2``
-(csrc/cpu/max_pool.cpp) computes each maximum and its position in the window (one byte) with
-compares and bit selects and no branch on the data, 0.6 ms there; its backward zeroes the input's
-gradient and writes each output's gradient at its maximum. It picks what ``max_pool2d`` picks
-(the first maximum in row-major order, NaN winning), so outputs and gradients are equal bit for
-bit. It serves float32 CPU tensors in channels_last with at most ``KERNEL_MAX_CHANNELS`` channels;
-with 8 or more PyTorch's vectorised kernel is faster. Everything else runs ``F.max_pool2d``.
+for LeNet-5's 3 to 16 channels. The extension's kernel ``dfkd_fast::max_pool2x2``
+(csrc/cpu/max_pool.cpp) copies each block of windows' four corners into four arrays, so that the
+maxima and their positions in the window (one byte) are computed on contiguous vectors, with
+compares and bit selects and no branch on the data; its backward writes each output's gradient at
+its maximum and zeroes the rest. It picks what ``max_pool2d`` picks (the first maximum in
+row-major order, NaN winning), so outputs and gradients are equal bit for bit. It serves float32
+CPU tensors in channels_last, of any channel count; everything else runs ``F.max_pool2d``.
 """
 
 from __future__ import annotations
@@ -20,10 +19,9 @@ from dfkd_fast import _extension
 from dfkd_fast.backend import Implementation, KernelKind, choose_implementation
 from dfkd_fast.ops._checks import check_floating_tensor
 
-__all__ = ["max_pool2x2", "max_pool2x2_reference", "KERNEL_MAX_CHANNELS"]
+__all__ = ["max_pool2x2", "max_pool2x2_reference"]
 
 OP_NAME = "max_pool2x2"
-KERNEL_MAX_CHANNELS = 6
 
 
 def max_pool2x2_reference(x: torch.Tensor) -> torch.Tensor:
@@ -57,16 +55,6 @@ if _extension.extension_loaded():
     def _max_pool2x2_backward_fake(grad_output, indices, input_size):
         return grad_output.new_empty(input_size).contiguous(memory_format=torch.channels_last)
 
-    def _save_indices(ctx, inputs, output):
-        (x,) = inputs
-        ctx.input_size = list(x.shape)
-        ctx.save_for_backward(output[1])
-        ctx.mark_non_differentiable(output[1])
-
-    def _pool_backward(ctx, grad_output, grad_indices):
-        (indices,) = ctx.saved_tensors
-        return torch.ops.dfkd_fast.max_pool2x2_backward(grad_output, indices, ctx.input_size)
-
     def _save_for_second_derivative(ctx, inputs, output):
         _, indices, _ = inputs
         ctx.save_for_backward(indices)
@@ -77,9 +65,8 @@ if _extension.extension_loaded():
         windows = _windows(grad_grad_x, indices.shape)
         return windows.gather(-1, indices.long().unsqueeze(-1)).squeeze(-1), None, None
 
-    torch.library.register_autograd(
-        "dfkd_fast::max_pool2x2", _pool_backward, setup_context=_save_indices
-    )
+    # dfkd_fast::max_pool2x2 has its autograd in C++ (csrc/max_pool_autograd.cpp), which costs
+    # less per call; its backward's, needed for second derivatives only, is this one.
     torch.library.register_autograd(
         "dfkd_fast::max_pool2x2_backward",
         _unpool_backward,
@@ -87,11 +74,11 @@ if _extension.extension_loaded():
     )
 
 
-def _kernel_serves(x: torch.Tensor) -> bool:
+def kernel_serves(x: torch.Tensor) -> bool:
+    """Whether ``max_pool2x2(x)`` runs the extension's kernel."""
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
-        and x.shape[1] <= KERNEL_MAX_CHANNELS
         and x.is_contiguous(memory_format=torch.channels_last)
         and choose_implementation(OP_NAME, KernelKind.EXTENSION, x.device, x.dtype)
         is Implementation.EXTENSION
@@ -100,8 +87,8 @@ def _kernel_serves(x: torch.Tensor) -> bool:
 
 def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
     """``F.max_pool2d(x, 2)``: 2x2 windows, stride 2, a last odd row or column dropped; by the
-    extension's kernel for float32 CPU tensors in channels_last with at most KERNEL_MAX_CHANNELS
-    channels (see the module doc), equal bit for bit.
+    extension's kernel for float32 CPU tensors in channels_last (see the module doc), equal bit for
+    bit.
 
     Args:
         x: (N, C, H, W) with H, W >= 2.
@@ -112,6 +99,6 @@ def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
     check_floating_tensor("x", x)
     if x.dim() != 4 or x.shape[2] < 2 or x.shape[3] < 2:
         raise ValueError(f"x must have shape (N, C, H, W) with H, W >= 2, got {tuple(x.shape)}")
-    if _kernel_serves(x):
+    if kernel_serves(x):
         return torch.ops.dfkd_fast.max_pool2x2(x)[0]
     return max_pool2x2_reference(x)
