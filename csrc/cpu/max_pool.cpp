@@ -65,7 +65,8 @@ struct BackwardArgs {
 constexpr int kMaxSplitChannels = 16;
 constexpr int64_t kCornerFloats = 512;  // floats per corner array of a block: 8 KiB in all
 
-// Maxima and positions of `count` windows whose corners lie in four arrays in output order.
+// Maxima and positions of `count` outputs (one channel of one window each), whose window corners
+// lie in four arrays in output order.
 DFKD_ALWAYS_INLINE void pool_corners(const float* __restrict top_left,
                                      const float* __restrict top_right,
                                      const float* __restrict bottom_left,
