@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfkd_fast.models.layers import MaxPool2x2, max_of_phases
+from dfkd_fast.models.layers import MaxPool2x2
 from dfkd_fast.nn import FewChannelConv2d, UpsampleConv2d
+from dfkd_fast.ops.max_pool import max_of_phases
 from dfkd_fast.ops.upsample_conv import (
     deinterleave_by_copy,
     interleave_by_copy,

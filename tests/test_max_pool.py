@@ -128,6 +128,30 @@ def test_dispatch():
         assert kernel_calls(lambda: max_pool2x2(x)) == 0
 
 
+def max_pool2d_calls(function) -> int:
+    return op_calls(function, "aten::max_pool2d")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
+def test_without_gradients_the_kernel_or_the_phase_maximum(dtype):
+    """Where the kernel does not serve and no gradient is needed, the maximum of the four
+    phases, equal to max_pool2d; max_pool2d where a gradient is needed, and with the reference
+    backend."""
+    x = activations((2, 5, 11, 10), seed=3, kind="special").contiguous().to(dtype)
+    expected = F.max_pool2d(x, 2)
+    with torch.no_grad():
+        assert max_pool2d_calls(lambda: max_pool2x2(x)) == 0
+        torch.testing.assert_close(max_pool2x2(x), expected, rtol=0, atol=0, equal_nan=True)
+        with dfkd_fast.use_backend("reference"):
+            assert max_pool2d_calls(lambda: max_pool2x2(x)) == 1
+    assert max_pool2d_calls(lambda: max_pool2x2(x)) == 0
+    assert max_pool2d_calls(lambda: max_pool2x2(x.requires_grad_())) == 1
+    output, grad_x = output_and_gradient(max_pool2x2, x)
+    expected_output, expected_grad = output_and_gradient(max_pool2x2_reference, x)
+    torch.testing.assert_close(output, expected_output, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(grad_x, expected_grad, rtol=0, atol=0)
+
+
 @needs_kernel
 def test_second_derivatives_equal_max_pool2d():
     x = activations((2, 3, 7, 6), seed=2, kind="integers") + torch.rand(2, 3, 7, 6)
@@ -160,6 +184,9 @@ def test_torch_compile_matches_eager():
     eager = output_and_gradient(max_pool2x2, x)
     for actual, expected in zip(output_and_gradient(compiled, x), eager):
         torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    contiguous = x.contiguous()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(contiguous), max_pool2x2(contiguous), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(

@@ -10,11 +10,8 @@ from dfkd_fast.ops import max_pool
 
 
 class MaxPool2x2(nn.MaxPool2d):
-    """``nn.MaxPool2d(2)``. On the CPU it runs ``max_pool2x2``, whose kernel serves float32 tensors
-    in channels_last, and ``max_pool2x2`` as well wherever a gradient is needed. Where neither
-    holds (a frozen bfloat16 teacher, a contiguous layout), it takes the elementwise maximum of
-    the four strided 2x2 phases: the same values, faster than the CPU pooling kernel on the few
-    channels of LeNet-5 (`benchmarks/bench_layers.py`)."""
+    """``nn.MaxPool2d(2)``, by ``max_pool2x2`` on the CPU (its kernel, or the maximum of the
+    four strided phases where no gradient is needed)."""
 
     def __init__(self):
         super().__init__(kernel_size=2)
@@ -22,19 +19,7 @@ class MaxPool2x2(nn.MaxPool2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or x.dim() != 4:
             return super().forward(x)
-        if max_pool.kernel_serves(x) or (torch.is_grad_enabled() and x.requires_grad):
-            return max_pool.max_pool2x2(x)
-        return max_of_phases(x)
-
-
-def max_of_phases(x: torch.Tensor) -> torch.Tensor:
-    """``F.max_pool2d(x, 2)`` as the elementwise maximum of the four strided 2x2 phases of `x`."""
-    height, width = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2  # floor, as max_pool2d
-    rows_even, rows_odd = x[..., 0:height:2, :width], x[..., 1:height:2, :width]
-    return torch.maximum(
-        torch.maximum(rows_even[..., 0::2], rows_even[..., 1::2]),
-        torch.maximum(rows_odd[..., 0::2], rows_odd[..., 1::2]),
-    )
+        return max_pool.max_pool2x2(x)
 
 
 def separate_upsampling(sequential: nn.Sequential) -> nn.Sequential:

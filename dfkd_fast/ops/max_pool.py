@@ -7,7 +7,10 @@ maxima and their positions in the window (one byte) are computed on contiguous v
 compares and bit selects and no branch on the data; its backward writes each output's gradient at
 its maximum and zeroes the rest. It picks what ``max_pool2d`` picks (the first maximum in
 row-major order, NaN winning), so outputs and gradients are equal bit for bit. It serves float32
-CPU tensors in channels_last, of any channel count; everything else runs ``F.max_pool2d``.
+CPU tensors in channels_last, of any channel count. Other CPU tensors that need no gradient (a
+frozen bfloat16 teacher) take the elementwise maximum of the four strided 2x2 phases, the same
+values, faster than the CPU pooling kernel on few channels (`benchmarks/bench_layers.py`);
+everything else runs ``F.max_pool2d``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from dfkd_fast import _extension
 from dfkd_fast.backend import Implementation, KernelKind, choose_implementation
 from dfkd_fast.ops._checks import check_floating_tensor
 
-__all__ = ["max_pool2x2", "max_pool2x2_reference"]
+__all__ = ["max_of_phases", "max_pool2x2", "max_pool2x2_reference"]
 
 OP_NAME = "max_pool2x2"
 
@@ -27,6 +30,16 @@ OP_NAME = "max_pool2x2"
 def max_pool2x2_reference(x: torch.Tensor) -> torch.Tensor:
     """``F.max_pool2d(x, 2)``."""
     return F.max_pool2d(x, 2)
+
+
+def max_of_phases(x: torch.Tensor) -> torch.Tensor:
+    """``F.max_pool2d(x, 2)`` as the elementwise maximum of the four strided 2x2 phases of `x`."""
+    height, width = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2  # floor, as max_pool2d
+    rows_even, rows_odd = x[..., 0:height:2, :width], x[..., 1:height:2, :width]
+    return torch.maximum(
+        torch.maximum(rows_even[..., 0::2], rows_even[..., 1::2]),
+        torch.maximum(rows_odd[..., 0::2], rows_odd[..., 1::2]),
+    )
 
 
 def _pooled_shape(x: torch.Tensor) -> tuple[int, int, int, int]:
@@ -74,21 +87,9 @@ if _extension.extension_loaded():
     )
 
 
-def kernel_serves(x: torch.Tensor) -> bool:
-    """Whether ``max_pool2x2(x)`` runs the extension's kernel."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and x.is_contiguous(memory_format=torch.channels_last)
-        and choose_implementation(OP_NAME, KernelKind.EXTENSION, x.device, x.dtype)
-        is Implementation.EXTENSION
-    )
-
-
 def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
-    """``F.max_pool2d(x, 2)``: 2x2 windows, stride 2, a last odd row or column dropped; by the
-    extension's kernel for float32 CPU tensors in channels_last (see the module doc), equal bit for
-    bit.
+    """``F.max_pool2d(x, 2)``: 2x2 windows, stride 2, a last odd row or column dropped; on the CPU
+    by the extension's kernel or the phase maximum (see the module doc), equal bit for bit.
 
     Args:
         x: (N, C, H, W) with H, W >= 2.
@@ -99,6 +100,18 @@ def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
     check_floating_tensor("x", x)
     if x.dim() != 4 or x.shape[2] < 2 or x.shape[3] < 2:
         raise ValueError(f"x must have shape (N, C, H, W) with H, W >= 2, got {tuple(x.shape)}")
-    if kernel_serves(x):
+    if x.device.type != "cpu":
+        return max_pool2x2_reference(x)
+    if (
+        x.dtype == torch.float32
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and choose_implementation(OP_NAME, KernelKind.EXTENSION, x.device, x.dtype)
+        is Implementation.EXTENSION
+    ):
         return torch.ops.dfkd_fast.max_pool2x2(x)[0]
+    if not (torch.is_grad_enabled() and x.requires_grad) and (
+        choose_implementation(OP_NAME, KernelKind.COMPOSITE, x.device, x.dtype)
+        is Implementation.COMPOSITE
+    ):
+        return max_of_phases(x)
     return max_pool2x2_reference(x)
