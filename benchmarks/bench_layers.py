@@ -1,6 +1,6 @@
 """CPU-side layers of the training step against the plain PyTorch they replace: LeNet-5's 2x2
 max-pool without gradients (``MaxPool2x2``: the frozen teacher's pooling and evaluation) and with
-them (its ``max_pool2x2`` kernel, float32, forward + backward) against ``nn.MaxPool2d(2)``, eager
+them (its ``max_pool2x2`` kernel, float32 and bfloat16, forward + backward) against ``nn.MaxPool2d(2)``, eager
 and (with gradients) compiled; and ``random_translate`` (one flat gather) against the 4-d
 advanced indexing it replaced. Both give the same values bit for bit (tests/test_models.py,
 tests/test_unlabeled.py). Run:
@@ -68,15 +68,16 @@ def test_max_pool_2x2(benchmark, device, implementation, dtype, shape):
 
 
 @pytest.mark.parametrize("shape", POOL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("implementation", ["eager", "torch.compile", "dfkd_fast"])
-def test_max_pool_2x2_forward_backward(benchmark, device, implementation, shape):
+def test_max_pool_2x2_forward_backward(benchmark, device, implementation, dtype, shape):
     skip_unless_cpu(device)
-    images = _images(shape, "float32").requires_grad_()
+    images = _images(shape, dtype).requires_grad_()
     pools = {"dfkd_fast": MaxPool2x2, "eager": lambda: torch.nn.MaxPool2d(2),
              "torch.compile": lambda: torch.compile(torch.nn.MaxPool2d(2), dynamic=False)}
     pool = pools[implementation]()
     grad_output = torch.randn(pool(images).shape, generator=torch.Generator().manual_seed(1))
-    grad_output = grad_output.contiguous(memory_format=torch.channels_last)
+    grad_output = grad_output.to(DTYPES[dtype]).contiguous(memory_format=torch.channels_last)
 
     def forward_backward():
         images.grad = None
@@ -86,7 +87,7 @@ def test_max_pool_2x2_forward_backward(benchmark, device, implementation, shape)
     # forward reads all and writes a quarter; backward reads a quarter and writes all
     moved = images.numel() * images.element_size() * 5 // 2
     describe(benchmark, "cpu", op="max_pool_2x2_forward_backward", implementation=implementation,
-             dtype="float32", shape="x".join(map(str, shape)) + " channels_last",
+             dtype=dtype, shape="x".join(map(str, shape)) + " channels_last",
              numel=images.numel(), bytes=moved)  # fmt: skip
 
 

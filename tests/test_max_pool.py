@@ -27,7 +27,10 @@ def channels_last(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous(memory_format=torch.channels_last)
 
 
-def activations(shape, seed, kind="relu"):
+KERNEL_DTYPES = [torch.float32, torch.bfloat16]
+
+
+def activations(shape, seed, kind="relu", dtype=torch.float32):
     """ReLU outputs (many tied zeros), small integers (ties between non-zero values), or normals
     with NaN and infinities sprinkled in."""
     g = torch.Generator().manual_seed(seed)
@@ -41,7 +44,7 @@ def activations(shape, seed, kind="relu"):
         x[special < 0.05] = float("nan")
         x[(special >= 0.05) & (special < 0.1)] = float("inf")
         x[(special >= 0.1) & (special < 0.15)] = -float("inf")
-    return channels_last(x)
+    return channels_last(x.to(dtype))
 
 
 def output_and_gradient(function, x, grad_output=None):
@@ -49,7 +52,7 @@ def output_and_gradient(function, x, grad_output=None):
     output = function(x)
     if grad_output is None:
         g = torch.Generator().manual_seed(1)
-        grad_output = torch.randn(output.shape, generator=g)
+        grad_output = torch.randn(output.shape, generator=g).to(output.dtype)
     (grad_x,) = torch.autograd.grad(output, x, grad_output)
     return output, grad_x
 
@@ -57,13 +60,15 @@ def output_and_gradient(function, x, grad_output=None):
 @needs_kernel
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("kind", ["relu", "integers", "special"])
-def test_output_and_gradient_equal_max_pool2d(shape, kind):
-    x = activations(shape, seed=sum(shape), kind=kind)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_output_and_gradient_equal_max_pool2d(shape, kind, dtype):
+    x = activations(shape, seed=sum(shape), kind=kind, dtype=dtype)
     output, grad_x = output_and_gradient(max_pool2x2, x)
     expected_output, expected_grad = output_and_gradient(max_pool2x2_reference, x)
     torch.testing.assert_close(output, expected_output, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(grad_x, expected_grad, rtol=0, atol=0)
     assert output.is_contiguous(memory_format=torch.channels_last)
+    assert kernel_calls(lambda: max_pool2x2(x)) == 1
 
 
 @needs_kernel
@@ -97,16 +102,18 @@ def kernel_calls(function) -> int:
 # channel counts with code of their own (1-16), and wider ones looped over as they are
 @needs_kernel
 @pytest.mark.parametrize("channels", [1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 15, 16, 17, 24, 33])
-def test_every_channel_count_equals_max_pool2d(channels):
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_every_channel_count_equals_max_pool2d(channels, dtype):
     # 515 windows in a row: more than one block of corners for every channel count up to 16
     for shape in [(1, channels, 5, 1031), (3, channels, 7, 6)]:
-        x = activations(shape, seed=channels, kind="special")
+        x = activations(shape, seed=channels, kind="special", dtype=dtype)
         x[:, :, 3] = x[:, :, 2]  # ties between rows
         output, positions = torch.ops.dfkd_fast.max_pool2x2(x)
         torch.testing.assert_close(output, F.max_pool2d(x, 2), rtol=0, atol=0, equal_nan=True)
         grad_output = torch.randn(output.shape, generator=torch.Generator().manual_seed(channels))
+        grad_output = grad_output.to(dtype)
         # freed NaNs, mostly where the gradient is allocated next: a position left unwritten shows
-        nan_filled = channels_last(torch.full(x.shape, float("nan")))
+        nan_filled = channels_last(torch.full(x.shape, float("nan"), dtype=dtype))
         del nan_filled
         grad_x = torch.ops.dfkd_fast.max_pool2x2_backward(grad_output, positions, list(x.shape))
         reference = x.detach().clone().requires_grad_()
@@ -116,14 +123,16 @@ def test_every_channel_count_equals_max_pool2d(channels):
 
 @needs_kernel
 def test_dispatch():
-    """The kernel for float32 channels_last CPU tensors; max_pool2d for another layout or dtype,
-    and with the reference backend."""
+    """The kernel for float32 and bfloat16 channels_last CPU tensors; max_pool2d for another
+    layout or dtype, and with the reference backend."""
     for channels in (3, 16, 40):
         x = activations((2, channels, 6, 6), seed=0)
         assert kernel_calls(lambda: max_pool2x2(x)) == 1
+        assert kernel_calls(lambda: max_pool2x2(x.bfloat16())) == 1
     x = activations((2, 3, 6, 6), seed=0)
     assert kernel_calls(lambda: max_pool2x2(x.contiguous())) == 0
     assert kernel_calls(lambda: max_pool2x2(x.double())) == 0
+    assert kernel_calls(lambda: max_pool2x2(x.half())) == 0
     with dfkd_fast.use_backend("reference"):
         assert kernel_calls(lambda: max_pool2x2(x)) == 0
 
@@ -168,11 +177,12 @@ def test_second_derivatives_equal_max_pool2d():
 
 
 @needs_kernel
-def test_opcheck():
-    x = activations((2, 3, 7, 6), seed=1).requires_grad_()
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_opcheck(dtype):
+    x = activations((2, 3, 7, 6), seed=1, dtype=dtype).requires_grad_()
     torch.library.opcheck(torch.ops.dfkd_fast.max_pool2x2.default, (x,))
     output, positions = torch.ops.dfkd_fast.max_pool2x2(x.detach())
-    grad_output = torch.randn(output.shape).requires_grad_()
+    grad_output = torch.randn(output.shape, dtype=dtype).requires_grad_()
     torch.library.opcheck(
         torch.ops.dfkd_fast.max_pool2x2_backward.default, (grad_output, positions, list(x.shape))
     )  # fmt: skip
@@ -205,8 +215,9 @@ def test_bad_input(x, error, message):
 
 @needs_kernel
 def test_the_kernels_reject_what_they_cannot_compute():
-    with pytest.raises(TypeError, match="float32"):
-        torch.ops.dfkd_fast.max_pool2x2(torch.randn(2, 3, 4, 4, dtype=torch.float64))
+    for dtype in (torch.float64, torch.float16):
+        with pytest.raises(TypeError, match="float32 or bfloat16"):
+            torch.ops.dfkd_fast.max_pool2x2(torch.randn(2, 3, 4, 4, dtype=dtype))
     with pytest.raises(ValueError, match="H, W >= 2"):
         torch.ops.dfkd_fast.max_pool2x2(torch.randn(2, 3, 1, 4))
     positions = torch.zeros(2, 3, 2, 2, dtype=torch.uint8)

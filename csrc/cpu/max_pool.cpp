@@ -1,6 +1,6 @@
 // CPU kernels of dfkd_fast::max_pool2x2 and its backward: 2x2 max-pooling with stride 2 of a
-// channels_last float32 tensor, with the position of each maximum in its window (0 to 3, row-major)
-// as one byte.
+// channels_last float32 or bfloat16 tensor, with the position of each maximum in its window (0 to
+// 3, row-major) as one byte. bfloat16 values are compared as the float32 values they widen to.
 //
 // PyTorch's channels_last kernel vectorises over channels, which does little for LeNet-5's 3 or 6.
 // Here each output value is a few compares and bit selects, with no branch on the data: which of
@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "common.h"
 
@@ -23,14 +24,43 @@ namespace {
 
 constexpr int64_t kGrainOutputs = 16384;
 
+// A bfloat16 as its bits: the kernels only widen, narrow and move values.
+using BFloat16Bits = uint16_t;
+
+template <typename T>
+DFKD_ALWAYS_INLINE float widened(T value) {
+  if constexpr (std::is_same_v<T, float>) {
+    return value;
+  } else {
+    const uint32_t bits = static_cast<uint32_t>(value) << 16;
+    float wide;
+    std::memcpy(&wide, &bits, sizeof wide);
+    return wide;
+  }
+}
+
+// `value` as a T; exact, as `value` is a T widened (a maximum of T values).
+template <typename T>
+DFKD_ALWAYS_INLINE T narrowed(float value) {
+  if constexpr (std::is_same_v<T, float>) {
+    return value;
+  } else {
+    uint32_t bits;
+    std::memcpy(&bits, &value, sizeof bits);
+    return static_cast<T>(bits >> 16);
+  }
+}
+
 // b if take_b (0 or 1), else a, without a branch.
-DFKD_ALWAYS_INLINE float select(float a, float b, uint32_t take_b) {
-  uint32_t bits_a, bits_b;
+template <typename T>
+DFKD_ALWAYS_INLINE T select(T a, T b, uint32_t take_b) {
+  using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>;
+  Bits bits_a, bits_b;
   std::memcpy(&bits_a, &a, sizeof bits_a);
   std::memcpy(&bits_b, &b, sizeof bits_b);
-  const uint32_t mask = 0u - take_b;
-  const uint32_t bits = (bits_b & mask) | (bits_a & ~mask);
-  float chosen;
+  const Bits mask = static_cast<Bits>(Bits{0} - static_cast<Bits>(take_b));
+  const Bits bits = static_cast<Bits>((bits_b & mask) | (bits_a & ~mask));
+  T chosen;
   std::memcpy(&chosen, &bits, sizeof chosen);
   return chosen;
 }
@@ -44,63 +74,79 @@ struct Shape {
   int64_t N, C, H, W, Ho, Wo;
 };
 
+template <typename T>
 struct ForwardArgs {
   Shape s;
-  const float* x;  // (N, H, W, C)
-  float* out;      // (N, Ho, Wo, C)
+  const T* x;      // (N, H, W, C)
+  T* out;          // (N, Ho, Wo, C)
   uint8_t* where;  // (N, Ho, Wo, C)
 };
 
+template <typename T>
 struct BackwardArgs {
   Shape s;
-  const float* grad_out;  // (N, Ho, Wo, C)
+  const T* grad_out;  // (N, Ho, Wo, C)
   const uint8_t* where;
-  float* grad_x;  // (N, H, W, C)
+  T* grad_x;  // (N, H, W, C)
 };
 
 // Up to kMaxSplitChannels channels, the kernels copy each block of windows' four corners into
-// four arrays in output order, so that the compares run on contiguous vectors; per window the
-// copies are four runs of C floats, which code compiled for that C moves in a few loads. With
-// more channels the loops over channels vectorise as they stand.
+// four arrays in output order (the forward widening bfloat16 to float32), so that the compares
+// run on contiguous vectors; per window the copies are four runs of C values, which code compiled
+// for that C moves in a few loads. With more channels the loops over channels vectorise as they
+// stand.
 constexpr int kMaxSplitChannels = 16;
-constexpr int64_t kCornerFloats = 512;  // floats per corner array of a block: 8 KiB in all
+constexpr int64_t kCornerValues = 512;  // values per corner array of a block
 
 // Maxima and positions of `count` outputs (one channel of one window each), whose window corners
 // lie in four arrays in output order.
-DFKD_ALWAYS_INLINE void pool_corners(const float* __restrict top_left,
-                                     const float* __restrict top_right,
-                                     const float* __restrict bottom_left,
-                                     const float* __restrict bottom_right, int64_t count,
-                                     float* __restrict out, uint8_t* __restrict where) {
+template <typename In, typename Out>
+DFKD_ALWAYS_INLINE void pool_corners(const In* __restrict top_left, const In* __restrict top_right,
+                                     const In* __restrict bottom_left,
+                                     const In* __restrict bottom_right, int64_t count,
+                                     Out* __restrict out, uint8_t* __restrict where) {
   for (int64_t i = 0; i < count; ++i) {
-    const float p = top_left[i], q = top_right[i], u = bottom_left[i], v = bottom_right[i];
+    const float p = widened(top_left[i]), q = widened(top_right[i]);
+    const float u = widened(bottom_left[i]), v = widened(bottom_right[i]);
     const uint32_t right_of_top = replaces(q, p), right_of_bottom = replaces(v, u);
     const float top_max = select(p, q, right_of_top), bottom_max = select(u, v, right_of_bottom);
     const uint32_t bottom_row = replaces(bottom_max, top_max);
-    out[i] = select(top_max, bottom_max, bottom_row);
+    out[i] = narrowed<Out>(select(top_max, bottom_max, bottom_row));
     where[i] = static_cast<uint8_t>(bottom_row * (2 + right_of_bottom) +
                                     (1 - bottom_row) * right_of_top);
   }
 }
 
+// The C values at `from` as float32 at `to`.
+template <int C, typename T>
+DFKD_ALWAYS_INLINE void copy_widened(float* __restrict to, const T* __restrict from) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(to, from, sizeof(float) * C);
+  } else {
+    for (int c = 0; c < C; ++c) {
+      to[c] = widened(from[c]);
+    }
+  }
+}
+
 // Output rows [begin, end) of the N * Ho, for tensors of C channels.
-template <int C>
-DFKD_ALWAYS_INLINE void pool_rows_split(const ForwardArgs& a, int64_t begin, int64_t end) {
-  constexpr int64_t kWindows = kCornerFloats / C;
+template <typename T, int C>
+DFKD_ALWAYS_INLINE void pool_rows_split(const ForwardArgs<T>& a, int64_t begin, int64_t end) {
+  constexpr int64_t kWindows = kCornerValues / C;
   float corners[4][kWindows * C];
   const int64_t row = a.s.W * C, out_row = a.s.Wo * C;
   for (int64_t r = begin; r < end; ++r) {
     const int64_t n = r / a.s.Ho, y = r % a.s.Ho;
-    const float* top = a.x + (n * a.s.H + 2 * y) * row;
-    const float* bottom = top + row;
+    const T* top = a.x + (n * a.s.H + 2 * y) * row;
+    const T* bottom = top + row;
     for (int64_t first = 0; first < a.s.Wo; first += kWindows) {
       const int64_t windows = std::min(kWindows, a.s.Wo - first);
       for (int64_t x = 0; x < windows; ++x) {
         const int64_t left = 2 * (first + x) * C;
-        std::memcpy(corners[0] + x * C, top + left, sizeof(float) * C);
-        std::memcpy(corners[1] + x * C, top + left + C, sizeof(float) * C);
-        std::memcpy(corners[2] + x * C, bottom + left, sizeof(float) * C);
-        std::memcpy(corners[3] + x * C, bottom + left + C, sizeof(float) * C);
+        copy_widened<C>(corners[0] + x * C, top + left);
+        copy_widened<C>(corners[1] + x * C, top + left + C);
+        copy_widened<C>(corners[2] + x * C, bottom + left);
+        copy_widened<C>(corners[3] + x * C, bottom + left + C);
       }
       const int64_t offset = r * out_row + first * C;
       pool_corners(corners[0], corners[1], corners[2], corners[3], windows * C,
@@ -109,12 +155,13 @@ DFKD_ALWAYS_INLINE void pool_rows_split(const ForwardArgs& a, int64_t begin, int
   }
 }
 
-DFKD_ALWAYS_INLINE void pool_rows_by_channel(const ForwardArgs& a, int64_t begin, int64_t end) {
+template <typename T>
+DFKD_ALWAYS_INLINE void pool_rows_by_channel(const ForwardArgs<T>& a, int64_t begin, int64_t end) {
   const int64_t C = a.s.C, row = a.s.W * C, out_row = a.s.Wo * C;
   for (int64_t r = begin; r < end; ++r) {
     const int64_t n = r / a.s.Ho, y = r % a.s.Ho;
-    const float* top = a.x + (n * a.s.H + 2 * y) * row;
-    const float* bottom = top + row;
+    const T* top = a.x + (n * a.s.H + 2 * y) * row;
+    const T* bottom = top + row;
     for (int64_t x = 0; x < a.s.Wo; ++x) {
       const int64_t left = 2 * x * C, offset = r * out_row + x * C;
       pool_corners(top + left, top + left + C, bottom + left, bottom + left + C, C,
@@ -123,61 +170,59 @@ DFKD_ALWAYS_INLINE void pool_rows_by_channel(const ForwardArgs& a, int64_t begin
   }
 }
 
-template <int C>
-DFKD_ALWAYS_INLINE void pool_rows_for(const ForwardArgs& a, int64_t begin, int64_t end) {
+template <typename T, int C>
+DFKD_ALWAYS_INLINE void pool_rows_for(const ForwardArgs<T>& a, int64_t begin, int64_t end) {
   if constexpr (C > kMaxSplitChannels) {
     pool_rows_by_channel(a, begin, end);
   } else if (a.s.C == C) {
-    pool_rows_split<C>(a, begin, end);
+    pool_rows_split<T, C>(a, begin, end);
   } else {
-    pool_rows_for<C + 1>(a, begin, end);
+    pool_rows_for<T, C + 1>(a, begin, end);
   }
 }
 
-DFKD_CPU_CLONES void pool_rows(const ForwardArgs& a, int64_t begin, int64_t end) {
-  pool_rows_for<1>(a, begin, end);
-}
-
 // Each window's gradient at its recorded corner and zero at the other three, in output order.
-DFKD_ALWAYS_INLINE void unpool_corners(const float* __restrict grad_out,
+template <typename T>
+DFKD_ALWAYS_INLINE void unpool_corners(const T* __restrict grad_out,
                                        const uint8_t* __restrict where, int64_t count,
-                                       float* __restrict top_left, float* __restrict top_right,
-                                       float* __restrict bottom_left,
-                                       float* __restrict bottom_right) {
+                                       T* __restrict top_left, T* __restrict top_right,
+                                       T* __restrict bottom_left, T* __restrict bottom_right) {
+  const T zero{0};  // +0.0 in either type's bits
   for (int64_t i = 0; i < count; ++i) {
-    const float g = grad_out[i];
+    const T g = grad_out[i];
     const uint32_t w = where[i];
-    top_left[i] = select(0.0f, g, w == 0);
-    top_right[i] = select(0.0f, g, w == 1);
-    bottom_left[i] = select(0.0f, g, w == 2);
-    bottom_right[i] = select(0.0f, g, w == 3);
+    top_left[i] = select(zero, g, w == 0);
+    top_right[i] = select(zero, g, w == 1);
+    bottom_left[i] = select(zero, g, w == 2);
+    bottom_right[i] = select(zero, g, w == 3);
   }
 }
 
 // The input positions of rows [2y, 2y + 2) that no window covers (a last odd column), and the
 // third row of a last odd row, are zeroed.
-DFKD_ALWAYS_INLINE void zero_uncovered(const Shape& s, int64_t y, float* grad_x) {
+template <typename T>
+DFKD_ALWAYS_INLINE void zero_uncovered(const Shape& s, int64_t y, T* grad_x) {
   const int64_t row = s.W * s.C, covered = 2 * s.Wo * s.C;
   if (covered < row) {
-    std::memset(grad_x + covered, 0, sizeof(float) * (row - covered));
-    std::memset(grad_x + row + covered, 0, sizeof(float) * (row - covered));
+    std::memset(grad_x + covered, 0, sizeof(T) * (row - covered));
+    std::memset(grad_x + row + covered, 0, sizeof(T) * (row - covered));
   }
   if (y == s.Ho - 1 && s.H % 2 == 1) {
-    std::memset(grad_x + 2 * row, 0, sizeof(float) * row);
+    std::memset(grad_x + 2 * row, 0, sizeof(T) * row);
   }
 }
 
 // Output rows [begin, end) of the N * Ho, for tensors of C channels: each window's four input
 // positions are written, and the rest of its rows zeroed.
-template <int C>
-DFKD_ALWAYS_INLINE void unpool_rows_split(const BackwardArgs& a, int64_t begin, int64_t end) {
-  constexpr int64_t kWindows = kCornerFloats / C;
-  float corners[4][kWindows * C];
+template <typename T, int C>
+DFKD_ALWAYS_INLINE void unpool_rows_split(const BackwardArgs<T>& a, int64_t begin, int64_t end) {
+  constexpr int64_t kWindows = kCornerValues / C;
+  T corners[4][kWindows * C];
   const int64_t row = a.s.W * C, out_row = a.s.Wo * C;
   for (int64_t r = begin; r < end; ++r) {
     const int64_t n = r / a.s.Ho, y = r % a.s.Ho;
-    float* top = a.grad_x + (n * a.s.H + 2 * y) * row;
-    float* bottom = top + row;
+    T* top = a.grad_x + (n * a.s.H + 2 * y) * row;
+    T* bottom = top + row;
     for (int64_t first = 0; first < a.s.Wo; first += kWindows) {
       const int64_t windows = std::min(kWindows, a.s.Wo - first);
       const int64_t offset = r * out_row + first * C;
@@ -185,23 +230,24 @@ DFKD_ALWAYS_INLINE void unpool_rows_split(const BackwardArgs& a, int64_t begin, 
                      corners[2], corners[3]);
       for (int64_t x = 0; x < windows; ++x) {
         const int64_t left = 2 * (first + x) * C;
-        std::memcpy(top + left, corners[0] + x * C, sizeof(float) * C);
-        std::memcpy(top + left + C, corners[1] + x * C, sizeof(float) * C);
-        std::memcpy(bottom + left, corners[2] + x * C, sizeof(float) * C);
-        std::memcpy(bottom + left + C, corners[3] + x * C, sizeof(float) * C);
+        std::memcpy(top + left, corners[0] + x * C, sizeof(T) * C);
+        std::memcpy(top + left + C, corners[1] + x * C, sizeof(T) * C);
+        std::memcpy(bottom + left, corners[2] + x * C, sizeof(T) * C);
+        std::memcpy(bottom + left + C, corners[3] + x * C, sizeof(T) * C);
       }
     }
     zero_uncovered(a.s, y, top);
   }
 }
 
-DFKD_ALWAYS_INLINE void unpool_rows_by_channel(const BackwardArgs& a, int64_t begin,
+template <typename T>
+DFKD_ALWAYS_INLINE void unpool_rows_by_channel(const BackwardArgs<T>& a, int64_t begin,
                                                int64_t end) {
   const int64_t C = a.s.C, row = a.s.W * C, out_row = a.s.Wo * C;
   for (int64_t r = begin; r < end; ++r) {
     const int64_t n = r / a.s.Ho, y = r % a.s.Ho;
-    float* top = a.grad_x + (n * a.s.H + 2 * y) * row;
-    float* bottom = top + row;
+    T* top = a.grad_x + (n * a.s.H + 2 * y) * row;
+    T* bottom = top + row;
     for (int64_t x = 0; x < a.s.Wo; ++x) {
       const int64_t left = 2 * x * C, offset = r * out_row + x * C;
       unpool_corners(a.grad_out + offset, a.where + offset, C, top + left, top + left + C,
@@ -211,19 +257,33 @@ DFKD_ALWAYS_INLINE void unpool_rows_by_channel(const BackwardArgs& a, int64_t be
   }
 }
 
-template <int C>
-DFKD_ALWAYS_INLINE void unpool_rows_for(const BackwardArgs& a, int64_t begin, int64_t end) {
+template <typename T, int C>
+DFKD_ALWAYS_INLINE void unpool_rows_for(const BackwardArgs<T>& a, int64_t begin, int64_t end) {
   if constexpr (C > kMaxSplitChannels) {
     unpool_rows_by_channel(a, begin, end);
   } else if (a.s.C == C) {
-    unpool_rows_split<C>(a, begin, end);
+    unpool_rows_split<T, C>(a, begin, end);
   } else {
-    unpool_rows_for<C + 1>(a, begin, end);
+    unpool_rows_for<T, C + 1>(a, begin, end);
   }
 }
 
-DFKD_CPU_CLONES void unpool_rows(const BackwardArgs& a, int64_t begin, int64_t end) {
-  unpool_rows_for<1>(a, begin, end);
+DFKD_CPU_CLONES void pool_rows_float(const ForwardArgs<float>& a, int64_t begin, int64_t end) {
+  pool_rows_for<float, 1>(a, begin, end);
+}
+
+DFKD_CPU_CLONES void pool_rows_bfloat16(const ForwardArgs<BFloat16Bits>& a, int64_t begin,
+                                        int64_t end) {
+  pool_rows_for<BFloat16Bits, 1>(a, begin, end);
+}
+
+DFKD_CPU_CLONES void unpool_rows_float(const BackwardArgs<float>& a, int64_t begin, int64_t end) {
+  unpool_rows_for<float, 1>(a, begin, end);
+}
+
+DFKD_CPU_CLONES void unpool_rows_bfloat16(const BackwardArgs<BFloat16Bits>& a, int64_t begin,
+                                          int64_t end) {
+  unpool_rows_for<BFloat16Bits, 1>(a, begin, end);
 }
 
 Shape shape_of(const at::Tensor& x) {
@@ -235,11 +295,41 @@ int64_t grain(int64_t outputs_per_task) {
   return std::max<int64_t>(1, kGrainOutputs / std::max<int64_t>(1, outputs_per_task));
 }
 
+// The tensor's values as the kernels' element type.
+template <typename T>
+T* values(const at::Tensor& tensor) {
+  if constexpr (std::is_same_v<T, float>) {
+    return tensor.data_ptr<float>();
+  } else {
+    return reinterpret_cast<T*>(tensor.data_ptr<at::BFloat16>());
+  }
+}
+
+bool kernel_dtype(at::ScalarType dtype) { return dtype == at::kFloat || dtype == at::kBFloat16; }
+
+template <typename T>
+void pool(const at::Tensor& x, const at::Tensor& out, const at::Tensor& where,
+          void (*rows)(const ForwardArgs<T>&, int64_t, int64_t)) {
+  const Shape s = shape_of(x);
+  const ForwardArgs<T> args{s, values<T>(x), values<T>(out), where.data_ptr<uint8_t>()};
+  at::parallel_for(0, s.N * s.Ho, grain(s.Wo * s.C),
+                   [&](int64_t begin, int64_t end) { rows(args, begin, end); });
+}
+
+template <typename T>
+void unpool(const Shape& s, const at::Tensor& grad_out, const at::Tensor& where,
+            const at::Tensor& grad_x, void (*rows)(const BackwardArgs<T>&, int64_t, int64_t)) {
+  const BackwardArgs<T> args{s, values<T>(grad_out), where.data_ptr<uint8_t>(),
+                             values<T>(grad_x)};
+  at::parallel_for(0, s.N * s.Ho, grain(2 * s.W * s.C),
+                   [&](int64_t begin, int64_t end) { rows(args, begin, end); });
+}
+
 std::tuple<at::Tensor, at::Tensor> max_pool2x2_cpu(const at::Tensor& x_in) {
   TORCH_CHECK_VALUE(x_in.dim() == 4 && x_in.size(2) >= 2 && x_in.size(3) >= 2,
                     "x must have shape (N, C, H, W) with H, W >= 2, got ", x_in.sizes());
-  TORCH_CHECK_TYPE(x_in.scalar_type() == at::kFloat, "max_pool2x2 takes float32 x, got ",
-                   x_in.scalar_type());
+  TORCH_CHECK_TYPE(kernel_dtype(x_in.scalar_type()),
+                   "max_pool2x2 takes float32 or bfloat16 x, got ", x_in.scalar_type());
   const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   const Shape s = shape_of(x);
   const auto layout = at::MemoryFormat::ChannelsLast;
@@ -249,10 +339,11 @@ std::tuple<at::Tensor, at::Tensor> max_pool2x2_cpu(const at::Tensor& x_in) {
   if (out.numel() == 0) {
     return {out, where};
   }
-  const ForwardArgs args{s, x.data_ptr<float>(), out.data_ptr<float>(),
-                         where.data_ptr<uint8_t>()};
-  at::parallel_for(0, s.N * s.Ho, grain(s.Wo * s.C),
-                   [&](int64_t begin, int64_t end) { pool_rows(args, begin, end); });
+  if (x.scalar_type() == at::kFloat) {
+    pool<float>(x, out, where, pool_rows_float);
+  } else {
+    pool<BFloat16Bits>(x, out, where, pool_rows_bfloat16);
+  }
   return {out, where};
 }
 
@@ -266,8 +357,8 @@ at::Tensor max_pool2x2_backward_cpu(const at::Tensor& grad_out_in, const at::Ten
                         where_in.sizes() == at::IntArrayRef(pooled),
                     "grad_output and indices must have shape ", at::IntArrayRef(pooled),
                     ", got ", grad_out_in.sizes(), " and ", where_in.sizes());
-  TORCH_CHECK_TYPE(grad_out_in.scalar_type() == at::kFloat && where_in.scalar_type() == at::kByte,
-                   "grad_output must be float32 and indices uint8, got ",
+  TORCH_CHECK_TYPE(kernel_dtype(grad_out_in.scalar_type()) && where_in.scalar_type() == at::kByte,
+                   "grad_output must be float32 or bfloat16 and indices uint8, got ",
                    grad_out_in.scalar_type(), " and ", where_in.scalar_type());
   const auto layout = at::MemoryFormat::ChannelsLast;
   const at::Tensor grad_out = grad_out_in.contiguous(layout);
@@ -276,10 +367,11 @@ at::Tensor max_pool2x2_backward_cpu(const at::Tensor& grad_out_in, const at::Ten
   if (grad_x.numel() == 0) {
     return grad_x;
   }
-  const BackwardArgs args{s, grad_out.data_ptr<float>(), where.data_ptr<uint8_t>(),
-                          grad_x.data_ptr<float>()};
-  at::parallel_for(0, s.N * s.Ho, grain(2 * s.W * s.C),
-                   [&](int64_t begin, int64_t end) { unpool_rows(args, begin, end); });
+  if (grad_out.scalar_type() == at::kFloat) {
+    unpool<float>(s, grad_out, where, grad_x, unpool_rows_float);
+  } else {
+    unpool<BFloat16Bits>(s, grad_out, where, grad_x, unpool_rows_bfloat16);
+  }
   return grad_x;
 }
 

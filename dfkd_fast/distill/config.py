@@ -240,8 +240,8 @@ FIELD_HELP = {
     "checkpoint_every": "steps between checkpoints",
     "device": "cpu, cuda or cuda:N",
     "amp": "bfloat16 autocast on CUDA",
-    "cpu_amp": "bfloat16 autocast on the CPU: about 2x faster where the CPU has bfloat16 "
-               "instructions (AVX512-BF16, AMX, Arm BF16), much slower where it has not",
+    "cpu_amp": "bfloat16 autocast on the CPU: faster where the CPU has bfloat16 instructions "
+               "(AVX512-BF16, AMX, Arm BF16), much slower where it has not",
     "channels_last": "channels-last memory format for the networks and images",
 }  # fmt: skip
 

@@ -7,10 +7,10 @@ maxima and their positions in the window (one byte) are computed on contiguous v
 compares and bit selects and no branch on the data; its backward writes each output's gradient at
 its maximum and zeroes the rest. It picks what ``max_pool2d`` picks (the first maximum in
 row-major order, NaN winning), so outputs and gradients are equal bit for bit. It serves float32
-CPU tensors in channels_last, of any channel count. Other CPU tensors that need no gradient (a
-frozen bfloat16 teacher) take the elementwise maximum of the four strided 2x2 phases, the same
-values, faster than the CPU pooling kernel on few channels (`benchmarks/bench_layers.py`);
-everything else runs ``F.max_pool2d``.
+and bfloat16 CPU tensors in channels_last, of any channel count (bfloat16 compared as the float32
+values they widen to). Other CPU tensors that need no gradient (a contiguous layout) take the
+elementwise maximum of the four strided 2x2 phases, the same values, faster than the CPU pooling
+kernel on few channels (`benchmarks/bench_layers.py`); everything else runs ``F.max_pool2d``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from dfkd_fast.ops._checks import check_floating_tensor
 __all__ = ["max_of_phases", "max_pool2x2", "max_pool2x2_reference"]
 
 OP_NAME = "max_pool2x2"
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def max_pool2x2_reference(x: torch.Tensor) -> torch.Tensor:
@@ -89,7 +90,8 @@ if _extension.extension_loaded():
 
 def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
     """``F.max_pool2d(x, 2)``: 2x2 windows, stride 2, a last odd row or column dropped; on the CPU
-    by the extension's kernel or the phase maximum (see the module doc), equal bit for bit.
+    by the extension's kernel (float32, bfloat16) or the phase maximum (see the module doc),
+    equal bit for bit.
 
     Args:
         x: (N, C, H, W) with H, W >= 2.
@@ -103,7 +105,7 @@ def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
     if x.device.type != "cpu":
         return max_pool2x2_reference(x)
     if (
-        x.dtype == torch.float32
+        x.dtype in KERNEL_DTYPES
         and x.is_contiguous(memory_format=torch.channels_last)
         and choose_implementation(OP_NAME, KernelKind.EXTENSION, x.device, x.dtype)
         is Implementation.EXTENSION
