@@ -245,6 +245,24 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch, method):
     ]
 
 
+@pytest.mark.parametrize("method", DATA_FREE_METHODS)
+def test_the_generator_warms_up_before_the_first_step_and_not_again_on_resume(
+        tmp_path, monkeypatch, method):  # fmt: skip
+    cold = run(tmp_path, method, "cold")
+    warm = run(tmp_path, method, "warm", generator_warmup=3)
+    generator_updates = {
+        name: load_checkpoint(tmp_path / name / "checkpoint.pt")["run"]["generator_optimizer"]
+        ["state"][0]["step"].item() for name in ("cold", "warm")
+    }  # fmt: skip
+    assert generator_updates == {"cold": TINY["steps"], "warm": TINY["steps"] + 3}
+    assert not same_weights(warm.student, cold.student)
+    kill_at_step_3(tmp_path, monkeypatch, method, "killed", generator_warmup=3)
+    resumed = run(tmp_path, method, "killed", resume=True, generator_warmup=3)
+    assert same_weights(resumed.student, warm.student)
+    assert [entry["accuracy"] for entry in resumed.curve] == [
+        entry["accuracy"] for entry in warm.curve]
+
+
 def signal_in_step(tmp_path, monkeypatch, method, name, signals, at_step=3, **overrides):
     """Runs into tmp_path / name, raising `signals` (one after the other) inside step `at_step`;
     returns what the run raised, or None if it finished."""
@@ -580,7 +598,8 @@ def test_robustness_statistics_of_a_known_curve():
         (dict(bn_weight="1"), TypeError), (dict(student_ema=1.0), ValueError),
         (dict(max_shift=-1), ValueError), (dict(seed=-1), ValueError),
         (dict(vae_prior_decay=1.0), ValueError), (dict(vae_fitted_prior=1), TypeError),
-        (dict(horizontal_flip="yes"), TypeError),
+        (dict(horizontal_flip="yes"), TypeError), (dict(generator_warmup=-1), ValueError),
+        (dict(generator_warmup=1.5), TypeError),
         (dict(device="mps"), ValueError), (dict(device="cuda:x"), ValueError),
         (dict(device=0), TypeError), (dict(device=torch.device("cpu")), TypeError),
     ],

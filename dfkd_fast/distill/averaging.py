@@ -21,8 +21,8 @@ def warmed_up_weight(decay: float, updates: int) -> float:
 class WeightAverage:
     """``average = decay * average + (1 - decay) * weights`` after every update, with the decay
     warmed up by :func:`warmed_up_weight` (the count includes the update being made) so the first
-    updates are not lost in the random initialisation. Floating-point buffers (BatchNorm statistics) are averaged too, the
-    others copied."""
+    updates are not lost in the random initialisation. Floating-point buffers (BatchNorm
+    statistics) are averaged too, the others copied."""
 
     def __init__(self, network: nn.Module, decay: float):
         if not 0 < decay < 1:

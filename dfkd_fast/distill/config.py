@@ -37,6 +37,7 @@ class DistillConfig:
     latent_dim: int = 100
     generator_width: int = 16
     generator_lr: float = 1e-3
+    generator_warmup: int = 0
     # student: SGD with momentum 0.9, cosine decay to 0 over the run
     student_lr: float = 0.1
     student_weight_decay: float = 5e-4
@@ -131,6 +132,8 @@ class DistillConfig:
             raise ValueError("top_fraction must be in (0, 1] and policy_temperature > 0")
         if self.mixup_fraction + self.cutmix_fraction > 1:
             raise ValueError("mixup_fraction + cutmix_fraction must be at most 1")
+        if self.generator_warmup < 0:
+            raise ValueError(f"generator_warmup must be >= 0, got {self.generator_warmup}")
         if self.max_shift < 0:
             raise ValueError(f"max_shift must be >= 0, got {self.max_shift}")
         if self.seed < 0:
@@ -191,6 +194,9 @@ FIELD_HELP = {
     "latent_dim": "size of the generator's input noise",
     "generator_width": "channel width of the generator",
     "generator_lr": "the generator's Adam learning rate",
+    "generator_warmup": "data-free methods: generator updates before the first step, so that "
+                        "the student starts on images the teacher classifies confidently, not "
+                        "on the untrained generator's noise",
     "student_lr": "the student's SGD learning rate at the start (cosine decay to 0)",
     "student_weight_decay": "the student's SGD weight decay",
     "student_grad_clip": "largest gradient norm of a student update (0: no clipping)",

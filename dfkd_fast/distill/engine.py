@@ -26,7 +26,7 @@ from dfkd_fast.distill import report
 from dfkd_fast.distill.averaging import WeightAverage
 from dfkd_fast.distill.config import DistillConfig
 from dfkd_fast.distill.replay import GenerativeReplay, MemoryBank
-from dfkd_fast.distill.steps import STEP_FUNCTIONS
+from dfkd_fast.distill.steps import STEP_FUNCTIONS, generator_step
 from dfkd_fast.distill.streams import REPLAY_STREAM, SAMPLER_STREAM, stream_seed
 from dfkd_fast.hooks import BNStatHooks, PenultimateFeatures, batchnorm_layers
 from dfkd_fast.io import atomic_torch_save, ensure_writable_dir, load_checkpoint
@@ -408,6 +408,10 @@ def distill(
     bar = tqdm(range(first_step, config.steps + 1), desc=f"distill ({config.method})",
                unit="step", initial=first_step - 1, total=config.steps, disable=not progress)  # fmt: skip
     with deferred_stop_signals(stop_on_signal and directory is not None) as stop_signal:
+        if first_step == 1 and config.data_free:
+            for _ in tqdm(range(config.generator_warmup), desc="generator warm-up", unit="update",
+                          leave=False, disable=not progress):  # fmt: skip
+                generator_step(run)
         for step in bar:
             interval_losses.append(run.step_function(run, step))
             if step % config.eval_every == 0 or step == config.steps:
