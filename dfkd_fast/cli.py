@@ -147,7 +147,7 @@ def _parser() -> argparse.ArgumentParser:
     compare = commands.add_parser(
         "compare", help="put finished runs side by side",
         description="Reads the metrics.json of each run folder and prints one Markdown table: "
-        "final, best and mean test accuracy, variance, final minus best, first step at 95%%, "
+        "final, best and mean test accuracy, variance, final minus best, first step at 95%, "
         "replay memory, wall time, student images per second. Unfinished runs are left out "
         "unless --include-unfinished.",
     )  # fmt: skip

@@ -219,6 +219,17 @@ def test_every_config_flag_is_explained_with_its_default_and_the_presets_values(
     assert set(TRAIN_FIELD_HELP) == {field.name for field in dataclasses.fields(TrainConfig)}
 
 
+@pytest.mark.parametrize("command", [[], ["distill"], ["train-teacher"], ["compare"]])
+def test_help_prints_percent_signs_once(command, capsys):
+    """argparse %-formats help strings, not descriptions: a doubled % shows in one of them."""
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "%%" not in text
+    if command == ["compare"]:
+        assert "first step at 95%," in text
+
+
 def test_module_entry_point_prints_help():
     completed = subprocess.run([sys.executable, "-m", "dfkd_fast", "distill", "--help"],
                                capture_output=True, text=True, check=True)  # fmt: skip
