@@ -132,12 +132,9 @@ class DistillConfig:
             raise ValueError("top_fraction must be in (0, 1] and policy_temperature > 0")
         if self.mixup_fraction + self.cutmix_fraction > 1:
             raise ValueError("mixup_fraction + cutmix_fraction must be at most 1")
-        if self.generator_warmup < 0:
-            raise ValueError(f"generator_warmup must be >= 0, got {self.generator_warmup}")
-        if self.max_shift < 0:
-            raise ValueError(f"max_shift must be >= 0, got {self.max_shift}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        for name in ("generator_warmup", "max_shift", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be >= 2 (batch statistics), got {self.batch_size}")
         if self.uses_replay and self.replay_batch_size >= self.batch_size:
