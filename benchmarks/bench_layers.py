@@ -2,8 +2,8 @@
 max-pool without gradients (``MaxPool2x2``: the frozen teacher's pooling and evaluation) and with
 them (its ``max_pool2x2`` kernel, float32 and bfloat16, forward + backward) against
 ``nn.MaxPool2d(2)``, eager and (with gradients) compiled; and ``random_translate`` (one flat
-gather) against the 4-d advanced indexing it replaced. Both give the same values bit for bit (tests/test_models.py,
-tests/test_unlabeled.py). Run:
+gather) against the 4-d advanced indexing it replaced. Both give the same values bit for bit
+(tests/test_models.py, tests/test_unlabeled.py). Run:
 
     python -m pytest benchmarks/bench_layers.py --benchmark-json=out.json
     python benchmarks/report.py out.json --op max_pool_2x2
