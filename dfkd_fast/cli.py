@@ -106,7 +106,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Distills a teacher checkpoint into a student from generator samples alone. "
         "Without --teacher, trains (once) a teacher on scikit-learn's bundled digits and "
         "distills that. Writes metrics.json, curve.csv, accuracy.png, samples.png, "
-        "checkpoint.pt and student.pt to --output-dir.",
+        "class_shares.png (data-free methods) or scores.png (unlabeled), checkpoint.pt and "
+        "student.pt to --output-dir.",
     )  # fmt: skip
     run.add_argument("--teacher", type=Path, help="teacher checkpoint (train-teacher's, or a "
                      "bare state dict with --teacher-arch and --dataset)")  # fmt: skip
@@ -263,7 +264,13 @@ def distill_command(arguments: dict) -> int:
         drawn = ", ".join(f"{name} {share:.1%}" for name, share in
                           result.metrics["drawn_fraction_per_source"].items())  # fmt: skip
         print(f"samples drawn per source: {drawn}")
-    print(f"report: {output_dir}/ (metrics.json, curve.csv, accuracy.png, samples.png, "
+    shares = result.curve[-1].get("synthetic_class_shares") if result.curve else None
+    if shares:
+        print(f"the teacher's classes of the last synthetic samples: {min(shares):.1%} (class "
+              f"{shares.index(min(shares))}) to {max(shares):.1%} (class "
+              f"{shares.index(max(shares))}) each")  # fmt: skip
+    plots = "class_shares.png" if config.data_free else "scores.png"
+    print(f"report: {output_dir}/ (metrics.json, curve.csv, accuracy.png, samples.png, {plots}, "
           "student.pt)")
     return 0
 

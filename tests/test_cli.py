@@ -38,6 +38,8 @@ def test_distill_runs_the_embedded_default_and_resumes_idempotently(tmp_path, ca
     assert main(["distill", "--method", "memory-bank", "--output-dir", str(output), *TINY]) == 0
     printed, bars = capsys.readouterr()
     assert "teacher: cnn32 on the digits" in printed and "student: cnn8, final" in printed
+    assert "the teacher's classes of the last synthetic samples: " in printed
+    assert "samples.png, class_shares.png, student.pt)" in printed
     assert "teacher (supervised)" not in bars and "distill (" not in bars  # --quiet
     metrics = json.loads((output / "metrics.json").read_text())
     assert metrics["config"]["method"] == "memory-bank" and metrics["config"]["batch_size"] == 16

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import json
 import math
 import signal
@@ -18,7 +19,7 @@ from torch import nn
 from dfkd_fast.data import ImageSet
 from dfkd_fast.distill import METHODS, DistillConfig, RunStopped, distill, preset_config
 from dfkd_fast.distill.config import DATA_FREE_METHODS
-from dfkd_fast.distill import engine
+from dfkd_fast.distill import engine, steps
 from dfkd_fast.distill.averaging import WeightAverage
 from dfkd_fast.distill.replay import GenerativeReplay, MemoryBank
 from dfkd_fast.distill.report import robustness
@@ -461,8 +462,9 @@ def test_a_step_makes_no_host_sync(method, monkeypatch):
         patch(name)
     losses = run_state.step_function(run_state, config.steps)
     monkeypatch.undo()
+    shares = losses.pop("synthetic_class_shares")
     assert {"generator", "student", "disagreement", "bn"} <= set(losses)
-    assert all(loss.dim() == 0 for loss in losses.values())
+    assert all(loss.dim() == 0 for loss in losses.values()) and shares.shape == (10,)
 
 
 @requires_cuda
@@ -813,3 +815,59 @@ def test_a_plot_of_many_runs_puts_its_legend_beside_the_curves(tmp_path):
     few_width = Image.open(tmp_path / "few.png").size[0]
     many_width = Image.open(tmp_path / "many.png").size[0]
     assert many_width > few_width * 1.15  # the legend widens the picture instead of covering it
+
+
+def test_predicted_class_shares_count_each_rows_largest_logit():
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(37, 7, generator=generator) * 30  # extreme logits, an odd class count
+    logits[5] = 0.0  # a tie goes to the first class, as argmax says
+    expected = torch.bincount(logits.argmax(dim=1), minlength=7).double() / 37
+    shares = steps.predicted_class_shares(logits)
+    assert shares.shape == (7,)
+    torch.testing.assert_close(shares.double(), expected)
+
+
+@pytest.mark.parametrize("method", DATA_FREE_METHODS)
+def test_data_free_runs_report_the_teachers_classes_of_each_intervals_synthetic_batches(
+        tmp_path, monkeypatch, method):  # fmt: skip
+    teacher_logits_per_step = []
+    original = steps.generator_step
+
+    def recording_generator_step(run_state):
+        images, teacher_logits, losses = original(run_state)
+        teacher_logits_per_step.append(teacher_logits.argmax(dim=1))
+        return images, teacher_logits, losses
+
+    monkeypatch.setattr(steps, "generator_step", recording_generator_step)
+    result = run(tmp_path, method)
+    counts = [torch.bincount(predicted, minlength=10).double() / len(predicted)
+              for predicted in teacher_logits_per_step]  # fmt: skip
+    for entry, interval in zip(result.curve, (counts[:2], counts[2:])):  # eval_every=2
+        expected = torch.stack(interval).mean(dim=0)
+        assert entry["synthetic_class_shares"] == pytest.approx(expected.tolist(), abs=1e-5)
+        assert sum(entry["synthetic_class_shares"]) == pytest.approx(1.0, abs=1e-4)
+    header = (tmp_path / "run" / "curve.csv").read_text().splitlines()[0].split(",")
+    assert [column for column in header if column.startswith("synthetic_class_shares")] == [
+        f"synthetic_class_shares_{k}" for k in range(10)]
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "run" / "class_shares.png").stat().st_size > 0
+
+
+def test_an_unlabeled_run_reports_no_synthetic_class_shares(tmp_path):
+    result = run(tmp_path, "unlabeled")
+    assert all("synthetic_class_shares" not in entry for entry in result.curve)
+    assert not (tmp_path / "run" / "class_shares.png").exists()
+
+
+@pytest.mark.parametrize("classes", [3, 10, 100])
+def test_the_class_share_plot_draws_any_number_of_classes(tmp_path, classes):
+    pytest.importorskip("matplotlib")
+    from dfkd_fast.distill.report import plot_class_shares
+
+    generator = torch.Generator().manual_seed(classes)
+    curve = [{"step": step, "synthetic_class_shares": torch.rand(classes, generator=generator)
+              .softmax(dim=0).tolist()} for step in (50, 100, 150)]  # fmt: skip
+    assert plot_class_shares(tmp_path / "shares.png", curve)
+    assert (tmp_path / "shares.png").read_bytes().startswith(b"\x89PNG")
+    assert not plot_class_shares(tmp_path / "none.png", [{"step": 50, "accuracy": 0.5}])
+    assert not (tmp_path / "none.png").exists()

@@ -379,7 +379,11 @@ def distill(
         entry = {"step": step, "seconds": round(seconds, 3)}
         if losses:
             for name in losses[0]:
-                entry[f"{name}_loss"] = torch.stack([l[name].float() for l in losses]).mean().item()
+                mean = torch.stack([l[name].float() for l in losses]).mean(dim=0)
+                if mean.dim():  # a share per class
+                    entry[name] = [round(share, 5) for share in mean.tolist()]
+                else:
+                    entry[f"{name}_loss"] = mean.item()
         if test_set is not None:
             entry["accuracy"] = accuracy(run.kept_student(), test_set, device=run.device)
             if run.student_average is not None:

@@ -60,12 +60,24 @@ def metrics(config, curve, replay_bytes: int, seconds: float, train_seconds: flo
     }
 
 
+def _csv_row(entry: dict) -> dict:
+    """`entry` with each list spread over columns key_0, key_1, ..."""
+    row = {}
+    for key, value in entry.items():
+        if isinstance(value, list):
+            row.update({f"{key}_{index}": item for index, item in enumerate(value)})
+        else:
+            row[key] = value
+    return row
+
+
 def curve_csv(curve: list[dict]) -> str:
-    columns = list(dict.fromkeys(key for entry in curve for key in entry))
+    rows = [_csv_row(entry) for entry in curve]
+    columns = list(dict.fromkeys(key for row in rows for key in row))
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
-    writer.writerows(curve)
+    writer.writerows(rows)
     return text.getvalue()
 
 
@@ -110,6 +122,36 @@ def plot_curves(path: Path, curves: dict[str, list[dict]], title: str) -> bool:
         axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     elif axes.lines:  # a run without test data has no accuracy to draw
         axes.legend()
+    _save_figure(figure, path)
+    pyplot.close(figure)
+    return True
+
+
+CLASS_LEGEND_MAX_CLASSES = 20
+
+
+def plot_class_shares(path: Path, curve: list[dict]) -> bool:
+    """The teacher's predicted classes of the synthetic samples over the run, stacked: a class
+    whose band thins out is one the generator has stopped making. False when matplotlib is
+    missing or the curve holds no shares."""
+    points = [(entry["step"], entry["synthetic_class_shares"]) for entry in curve
+              if "synthetic_class_shares" in entry]  # fmt: skip
+    pyplot = _pyplot()
+    if pyplot is None or not points:
+        return False
+    steps, shares = zip(*points)
+    per_class = list(zip(*shares))
+    figure, axes = pyplot.subplots(figsize=(6, 4))
+    colours = pyplot.get_cmap("tab20" if len(per_class) > 10 else "tab10").colors
+    axes.stackplot(steps, per_class, labels=[str(k) for k in range(len(per_class))],
+                   colors=[colours[k % len(colours)] for k in range(len(per_class))])  # fmt: skip
+    axes.margins(x=0)
+    axes.set(xlabel="step", ylabel="share of the generator's samples", ylim=(0, 1),
+             title="the teacher's classes of the synthetic samples")  # fmt: skip
+    if len(per_class) <= CLASS_LEGEND_MAX_CLASSES:
+        handles, labels = axes.get_legend_handles_labels()  # top band first, as stacked
+        axes.legend(handles[::-1], labels[::-1], loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                    fontsize="small", title="class")  # fmt: skip
     _save_figure(figure, path)
     pyplot.close(figure)
     return True
@@ -173,7 +215,8 @@ def plot_score_histograms(path: Path, scores: torch.Tensor, source_index: torch.
 @torch.no_grad()
 def plot(directory: Path, curve: list[dict], method: str, run, mean, std, scored=None):
     """accuracy.png; samples.png (synthetic and, for the replay methods, replayed images; for
-    the unlabeled method, the most and least related samples); scores.png (unlabeled)."""
+    the unlabeled method, the most and least related samples); class_shares.png (data-free);
+    scores.png (unlabeled)."""
     written = []
     if plot_curves(directory / "accuracy.png", {method: curve}, f"{method}: student accuracy"):
         written.append("accuracy.png")
@@ -188,6 +231,8 @@ def plot(directory: Path, curve: list[dict], method: str, run, mean, std, scored
         if plot_samples(directory / "samples.png", panels, mean, std):
             written.append("samples.png")
         return written
+    if plot_class_shares(directory / "class_shares.png", curve):
+        written.append("class_shares.png")
     seed = stream_seed(run.config.seed, SAMPLE_GRID_STREAM)
     rng = torch.Generator(run.device).manual_seed(seed)
     latent = sample_prior(32, run.config.latent_dim, generator=rng, device=run.device)

@@ -9,8 +9,9 @@ update; they differ in what the student rehearses.
     unlabeled    no generator: student steps on samples of an unlabeled collection, drawn by
                  the teacher's relatedness scores, partly mixed (dfkd_fast.unlabeled).
 
-A step returns its losses as 0-d tensors (no host sync); the engine reads them at its logging
-interval. The student never backpropagates through the generator and the teacher runs without
+A step returns its losses as 0-d tensors and, for the data-free methods, the share of the
+generator's batch that the teacher assigns to each class (no host sync); the engine reads them at
+its logging interval. The student never backpropagates through the generator and the teacher runs without
 autograd in student steps.
 """
 
@@ -82,6 +83,13 @@ def generator_step(run) -> tuple[torch.Tensor, torch.Tensor, dict]:
     return images.detach(), teacher_logits.detach(), losses
 
 
+def predicted_class_shares(logits: torch.Tensor) -> torch.Tensor:
+    """The fraction of the batch whose largest logit is each class's, as a (classes,) tensor; a
+    comparison, not a bincount, which would sync with the host on CUDA."""
+    classes = torch.arange(logits.shape[1], device=logits.device)
+    return (logits.argmax(dim=1, keepdim=True) == classes).float().mean(dim=0)
+
+
 def update_student(run, loss: torch.Tensor) -> None:
     run.student_optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -145,6 +153,7 @@ def student_updates(run, replay_count: int) -> torch.Tensor:
 
 def adversarial_step(run, step: int) -> dict:
     images, teacher_logits, losses = generator_step(run)
+    losses["synthetic_class_shares"] = predicted_class_shares(teacher_logits)
     losses["student"] = student_updates(run, replay_count=0)
     run.student_schedule.step()
     return losses
@@ -153,6 +162,7 @@ def adversarial_step(run, step: int) -> dict:
 def replay_step(run, step: int) -> dict:
     """pre-dfkd and memory-bank: `run.replay` is a GenerativeReplay or a MemoryBank."""
     images, teacher_logits, losses = generator_step(run)
+    losses["synthetic_class_shares"] = predicted_class_shares(teacher_logits)
     with run.phase("replay update"):
         replay_loss = run.replay.update(images.float(), teacher_logits, run.teacher,
                                        run.replay_rng)
