@@ -11,8 +11,8 @@ update; they differ in what the student rehearses.
 
 A step returns its losses as 0-d tensors and, for the data-free methods, the share of the
 generator's batch that the teacher assigns to each class (no host sync); the engine reads them at
-its logging interval. The student never backpropagates through the generator and the teacher runs without
-autograd in student steps.
+its logging interval. The student never backpropagates through the generator and the teacher runs
+without autograd in student steps.
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ def generator_step(run) -> tuple[torch.Tensor, torch.Tensor, dict]:
         run.student.requires_grad_(True)
         if bn_matching is not None and config.bn_momentum > 0:
             bn_matching.update_ema()
-    losses = {"generator": loss.detach(), "disagreement": disagreement.detach()}
+    losses = {"generator": loss.detach(), "disagreement": disagreement.detach(),
+              "synthetic_class_shares": predicted_class_shares(teacher_logits)}
     if bn_loss is not None:
         losses["bn"] = bn_loss.detach()
     return images.detach(), teacher_logits.detach(), losses
@@ -153,7 +154,6 @@ def student_updates(run, replay_count: int) -> torch.Tensor:
 
 def adversarial_step(run, step: int) -> dict:
     images, teacher_logits, losses = generator_step(run)
-    losses["synthetic_class_shares"] = predicted_class_shares(teacher_logits)
     losses["student"] = student_updates(run, replay_count=0)
     run.student_schedule.step()
     return losses
@@ -162,7 +162,6 @@ def adversarial_step(run, step: int) -> dict:
 def replay_step(run, step: int) -> dict:
     """pre-dfkd and memory-bank: `run.replay` is a GenerativeReplay or a MemoryBank."""
     images, teacher_logits, losses = generator_step(run)
-    losses["synthetic_class_shares"] = predicted_class_shares(teacher_logits)
     with run.phase("replay update"):
         replay_loss = run.replay.update(images.float(), teacher_logits, run.teacher,
                                        run.replay_rng)
