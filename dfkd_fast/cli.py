@@ -150,7 +150,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Reads the metrics.json of each run folder and prints one Markdown table: "
         "final, best and mean test accuracy, variance, final minus best, first step at 95%, "
         "replay memory, wall time, student images per second. Unfinished runs are left out "
-        "unless --include-unfinished.",
+        "unless --include-unfinished. With --group-by, a second table: the runs grouped by "
+        "config values, each group's mean and standard deviation over its runs.",
     )  # fmt: skip
     compare.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="a run's output folder")
     compare.add_argument("--json", type=Path, help="also write the runs' metrics and this "
@@ -159,6 +160,11 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--title", default="student accuracy", help="the plot's title")
     compare.add_argument("--include-unfinished", action="store_true",
                          help="compare unfinished runs too, labelled with the step reached")
+    compare.add_argument("--group-by", action="append", metavar="KEY",
+                         help="also summarise the runs that share this config value (repeat for "
+                         "several keys), e.g. --group-by method for several seeds of each "
+                         "method; --json then holds the groups' summaries too, and --plot draws "
+                         "each group's mean curve with the range of its runs")  # fmt: skip
     return parser
 
 
@@ -282,11 +288,15 @@ def compare_command(arguments: dict) -> int:
     if not comparison.runs:
         raise UsageError("no finished run to compare (--include-unfinished compares the others)")
     print(comparison.markdown())
+    group_by = arguments["group_by"] or ()
+    if group_by:
+        print()
+        print(comparison.group_markdown(group_by))
     if arguments["json"]:
-        comparison.write_json(arguments["json"])
+        comparison.write_json(arguments["json"], group_by)
         print(f"metrics: {arguments['json']}")
     if arguments["plot"]:
-        if not comparison.plot(arguments["plot"], arguments["title"]):
+        if not comparison.plot(arguments["plot"], arguments["title"], group_by):
             raise UsageError("--plot needs matplotlib (pip install matplotlib)")
         print(f"plot: {arguments['plot']}")
     return 0

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
 
 from dfkd_fast.cli import main
 from dfkd_fast.distill import DistillConfig, compare_runs, distill
-from dfkd_fast.distill.compare import COLUMNS
+from dfkd_fast.distill.compare import COLUMNS, GROUP_COLUMNS, spread
+from dfkd_fast.distill.report import curve_band
 from tests.test_distill import IMAGE_SHAPE, TINY, held_out, networks
 
 
@@ -109,3 +111,116 @@ def test_the_compare_command_prints_the_table_and_writes_what_it_is_asked(runs, 
     assert "no finished run to compare" in capsys.readouterr().err
     assert main(["compare", str(tmp_path / "nothing-here")]) == 2
     assert "nothing-here: no metrics.json" in capsys.readouterr().err
+
+
+def run_with_curve(runs, tmp_path, name: str, method: str, accuracies: list[float], seconds: float):
+    """A copy of the adversarial run under another name, method, accuracy curve and wall time."""
+    folder = tmp_path / name
+    shutil.copytree(runs / "adversarial", folder)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics["config"]["method"] = method
+    metrics["curve"] = [{"step": 10 * (i + 1), "accuracy": a} for i, a in enumerate(accuracies)]
+    metrics["seconds"] = seconds
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    return folder
+
+
+def test_spread_is_mean_sample_deviation_and_range_of_the_values_given():
+    assert spread([0.9, None, 0.7, 0.8]) == pytest.approx(
+        {"mean": 0.8, "std": 0.1, "min": 0.7, "max": 0.9, "count": 3})
+    assert spread([0.5]) == {"mean": 0.5, "std": None, "min": 0.5, "max": 0.5, "count": 1}
+    assert spread([None]) == spread([]) == {"count": 0}
+
+
+def test_groups_summarise_their_runs_spread(runs, tmp_path):
+    folders = [
+        run_with_curve(runs, tmp_path, "a0", "pre-dfkd", [0.90, 0.96, 0.98], 60.0),
+        run_with_curve(runs, tmp_path, "b0", "adversarial", [0.50, 0.70, 0.60], 120.0),
+        run_with_curve(runs, tmp_path, "a1", "pre-dfkd", [0.80, 0.94, 0.97], 180.0),
+        run_with_curve(runs, tmp_path, "a2", "pre-dfkd", [0.95, 0.99, 0.96], 120.0),
+        run_with_curve(runs, tmp_path, "b1", "adversarial", [0.90, 0.95, 0.96], 120.0),
+    ]
+    comparison = compare_runs(folders)
+    assert comparison.groups(["method"]) == {"method=pre-dfkd": ["a0", "a1", "a2"],
+                                             "method=adversarial": ["b0", "b1"]}  # fmt: skip
+    summaries = comparison.group_summaries(["method"])
+    ours = summaries["method=pre-dfkd"]
+    assert ours["runs"] == ["a0", "a1", "a2"]
+    assert ours["final_accuracy"] == pytest.approx(
+        {"mean": 0.97, "std": 0.01, "min": 0.96, "max": 0.98, "count": 3})
+    assert ours["best_accuracy"]["mean"] == pytest.approx((0.98 + 0.97 + 0.99) / 3)
+    assert ours["mean_accuracy"]["mean"] == pytest.approx((2.84 / 3 + 2.71 / 3 + 2.90 / 3) / 3)
+    assert ours["final_minus_best"]["min"] == pytest.approx(-0.03)
+    assert ours["largest_drop"]["max"] == pytest.approx(0.03)
+    assert ours["first_step_at_95"] == pytest.approx(
+        {"mean": 20, "std": 10, "min": 10, "max": 30, "count": 3})
+    assert ours["seconds"] == pytest.approx({"mean": 120, "std": 60, "min": 60, "max": 180,
+                                             "count": 3})  # fmt: skip
+    assert summaries["method=adversarial"]["first_step_at_95"]["count"] == 1
+
+    table = cells(comparison.group_markdown(["method"]))
+    assert list(table) == ["method=pre-dfkd", "method=adversarial"]
+    assert set(table["method=pre-dfkd"]) == set(GROUP_COLUMNS)
+    ours, theirs = table["method=pre-dfkd"], table["method=adversarial"]
+    assert (ours["runs"], ours["final"]) == ("3", "97.00% ± 1.00%")
+    assert ours["best"] == "98.00% ± 1.00%"
+    assert (ours["first step at 95%"], ours["wall time"]) == ("20 ± 10", "2.0 min ± 1.0 min")
+    assert ours["replay memory"] == "0.00 MiB"  # the same in every run: no spread shown
+    assert theirs["final"] == f"78.00% ± {math.sqrt(2 * 0.18**2):.2%}"
+    assert theirs["first step at 95%"] == "20 (1 of 2 runs)"
+    assert theirs["wall time"] == "2.0 min"
+
+
+def test_a_group_of_runs_without_test_data_has_no_accuracies(runs, tmp_path):
+    alone = run_with_curve(runs, tmp_path, "never", "pre-dfkd", [0.5, 0.6], 60.0)
+    comparison = compare_runs([alone, runs / "pre-dfkd"])
+    summary = comparison.group_summaries(["method"])["method=pre-dfkd"]
+    assert summary["final_accuracy"]["count"] == 1 and summary["seconds"]["count"] == 2
+    row = cells(comparison.group_markdown(["method"]))["method=pre-dfkd"]
+    assert (row["final"], row["first step at 95%"]) == ("60.00%", "never")
+    no_test_data = cells(compare_runs([runs / "pre-dfkd"]).group_markdown(["method", "seed"]))
+    assert list(no_test_data) == [f"method=pre-dfkd, seed={DistillConfig().seed}"]
+    assert no_test_data[f"method=pre-dfkd, seed={DistillConfig().seed}"]["final"] == "-"
+    assert no_test_data[f"method=pre-dfkd, seed={DistillConfig().seed}"]["first step at 95%"] == "-"
+
+
+def test_grouping_by_a_key_no_config_has_is_refused_by_name(runs):
+    comparison = compare_runs([runs / "adversarial"])
+    with pytest.raises(ValueError, match="group by nonsense: not in the config of run adversarial"):
+        comparison.groups(["method", "nonsense"])
+    with pytest.raises(ValueError, match="keys: give a list of config keys"):
+        comparison.groups("method")
+    with pytest.raises(ValueError, match="keys: give a list"):
+        comparison.group_summaries([])
+
+
+def test_the_compare_command_groups_runs_in_table_json_and_plot(runs, tmp_path, capsys):
+    folders = [run_with_curve(runs, tmp_path, f"r{i}", "pre-dfkd", [0.9, 0.95 + i / 100], 60.0)
+               for i in range(2)]  # fmt: skip
+    summary, plot = tmp_path / "summary.json", tmp_path / "accuracy.png"
+    arguments = ["compare", *map(str, folders), str(runs / "adversarial"), "--group-by", "method",
+                 "--json", str(summary)]  # fmt: skip
+    assert main(arguments) == 0
+    out = capsys.readouterr().out
+    assert "| group | runs | final |" in out and "| method=pre-dfkd | 2 | 95.50% ± 0.71% |" in out
+    written = json.loads(summary.read_text())
+    assert set(written["groups"]) == {"method=pre-dfkd", "method=adversarial"}
+    assert written["groups"]["method=pre-dfkd"]["final_accuracy"]["mean"] == pytest.approx(0.955)
+    assert main(["compare", str(runs / "adversarial"), "--group-by", "nonsense"]) == 2
+    assert "group by nonsense: not in the config of run adversarial" in capsys.readouterr().err
+    pytest.importorskip("matplotlib")
+    assert main(arguments[:-2] + ["--plot", str(plot)]) == 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_groups_band_is_the_mean_and_range_at_the_steps_all_its_runs_evaluated():
+    curves = [
+        [{"step": 1, "accuracy": 0.2}, {"step": 2, "accuracy": 0.4}, {"step": 3, "accuracy": 0.9}],
+        [{"step": 2, "accuracy": 0.6}, {"step": 3, "accuracy": 0.7}, {"step": 4, "accuracy": 0.8}],
+        [{"step": 2, "loss": 1.0}],  # a run without test data
+    ]
+    steps, means, lows, highs = curve_band(curves)
+    assert steps == [2, 3]
+    assert means == pytest.approx([0.5, 0.8])
+    assert (lows, highs) == ([0.4, 0.7], [0.6, 0.9])
+    assert curve_band([curves[2]]) == curve_band([]) == ([], [], [], [])

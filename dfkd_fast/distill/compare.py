@@ -1,4 +1,5 @@
-"""Finished runs side by side: final, best and mean accuracy, variance, replay memory, time.
+"""Finished runs side by side: final, best and mean accuracy, variance, replay memory, time;
+and, grouped by config values (the method, say), each group's mean and spread over its runs.
 
 Reads the ``metrics.json`` that every run writes to its output folder, so runs made by the CLI,
 by ``dfkd_fast.distill`` or on another machine compare alike.
@@ -9,15 +10,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+import statistics
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from dfkd_fast.distill.report import plot_curves, robustness
+from dfkd_fast.distill.report import plot_curve_bands, plot_curves, robustness
 from dfkd_fast.io import atomic_write_json
 
 COLUMNS = ("final", "best", "mean", "variance", "final - best", "first step at 95%",
            "replay memory", "wall time", "student img/s", "drawn per source")  # fmt: skip
+GROUP_COLUMNS = ("runs", "final", "best", "mean", "final - best", "largest drop",
+                 "first step at 95%", "replay memory", "wall time")  # fmt: skip
 REQUIRED_KEYS = frozenset({"config", "curve", "finished", "step"})
 
 
@@ -30,17 +35,65 @@ class Comparison:
         return [summary_row(label, metrics) for label, metrics in self.runs.items()]
 
     def markdown(self) -> str:
-        lines = ["| run | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-        lines += ["| " + " | ".join(row) + " |" for row in self.rows()]
-        return "\n".join(lines)
+        return _markdown_table("run", COLUMNS, self.rows())
 
-    def write_json(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, {"machine": machine_description(), "runs": self.runs})
+    def groups(self, keys: Sequence[str]) -> dict[str, list[str]]:
+        """The runs' labels by their config values of ``keys`` ("method=pre-dfkd"), groups in the
+        order of their first run; ValueError naming a key that a run's config lacks."""
+        if isinstance(keys, str) or not keys:
+            raise ValueError(f"keys: give a list of config keys, got {keys!r}")
+        groups: dict[str, list[str]] = {}
+        for label, metrics in self.runs.items():
+            missing = [key for key in keys if key not in metrics["config"]]
+            if missing:
+                raise ValueError(f"group by {', '.join(missing)}: not in the config of run {label}")
+            name = ", ".join(f"{key}={metrics['config'][key]}" for key in keys)
+            groups.setdefault(name, []).append(label)
+        return groups
 
-    def plot(self, path: Path, title: str = "student accuracy") -> bool:
-        """The runs' accuracy curves in one PNG; False when matplotlib is missing."""
+    def group_summaries(self, keys: Sequence[str]) -> dict[str, dict]:
+        """For each group of :meth:`groups`, its runs and the spread over them (mean, sample
+        standard deviation, lowest, highest, count) of each robustness number, the wall time and
+        the replay memory; runs without test data add no accuracies."""
+        summaries = {}
+        for name, labels in self.groups(keys).items():
+            numbers = [robustness(self.runs[label]["curve"]) for label in labels]
+            numbers = [run for run in numbers if run]
+            reached = [run["first_step_at_accuracy"]["0.95"] for run in numbers]
+            summaries[name] = {
+                "runs": labels,
+                **{key: spread([run[key] for run in numbers]) for key in (
+                    "final_accuracy", "best_accuracy", "mean_accuracy", "final_minus_best",
+                    "largest_drop")},  # fmt: skip
+                "first_step_at_95": spread([step for step in reached if step is not None]),
+                "seconds": spread([self.runs[label].get("seconds") for label in labels]),
+                "replay_memory_bytes": spread(
+                    [self.runs[label].get("replay_memory_bytes", 0) for label in labels]),
+            }
+        return summaries
+
+    def group_markdown(self, keys: Sequence[str]) -> str:
+        rows = [group_row(name, summary) for name, summary in self.group_summaries(keys).items()]
+        return _markdown_table("group", GROUP_COLUMNS, rows)
+
+    def write_json(self, path: Path, group_by: Sequence[str] = ()) -> None:
+        """The runs' metrics and this machine's description; with ``group_by``, the groups'
+        summaries too."""
+        contents = {"machine": machine_description(), "runs": self.runs}
+        if group_by:
+            contents["groups"] = self.group_summaries(group_by)
         path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, contents)
+
+    def plot(self, path: Path, title: str = "student accuracy",
+             group_by: Sequence[str] = ()) -> bool:  # fmt: skip
+        """The runs' accuracy curves in one PNG, or with ``group_by`` each group's mean curve and
+        its range; False when matplotlib is missing."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if group_by:
+            groups = {name: [self.runs[label]["curve"] for label in labels]
+                      for name, labels in self.groups(group_by).items()}  # fmt: skip
+            return plot_curve_bands(path, groups, title)
         curves = {label: metrics["curve"] for label, metrics in self.runs.items()}
         return plot_curves(path, curves, title)
 
@@ -111,3 +164,52 @@ def summary_row(label: str, metrics: dict) -> list[str]:
         "-" if images_per_second is None else f"{images_per_second:.0f}",
         ", ".join(f"{name} {share:.1%}" for name, share in drawn.items()) or "-",
     ]
+
+
+def spread(values: list) -> dict:
+    """Mean, sample standard deviation (None for fewer than two), lowest and highest of the
+    values that are not None, and their count; only the count for none."""
+    present = [value for value in values if value is not None]
+    if not present:
+        return {"count": 0}
+    return {
+        "mean": statistics.fmean(present),
+        "std": statistics.stdev(present) if len(present) > 1 else None,
+        "min": min(present),
+        "max": max(present),
+        "count": len(present),
+    }
+
+
+def _spread_cell(numbers: dict, unit) -> str:
+    if not numbers["count"]:
+        return "-"
+    cell = unit(numbers["mean"])
+    if numbers["std"] is None or numbers["min"] == numbers["max"]:
+        return cell
+    return f"{cell} ± {unit(numbers['std'])}"
+
+
+def group_row(name: str, summary: dict) -> list[str]:
+    """One row of the groups' table: mean ± standard deviation over the group's runs."""
+    runs = len(summary["runs"])
+    reached = summary["first_step_at_95"]
+    first_step = _spread_cell(reached, lambda step: f"{step:.0f}") if reached["count"] else "never"
+    if 0 < reached["count"] < summary["final_accuracy"]["count"]:
+        first_step += f" ({reached['count']} of {summary['final_accuracy']['count']} runs)"
+    return [
+        name,
+        str(runs),
+        *(_spread_cell(summary[key], _percent) for key in (
+            "final_accuracy", "best_accuracy", "mean_accuracy", "final_minus_best",
+            "largest_drop")),  # fmt: skip
+        first_step if summary["final_accuracy"]["count"] else "-",
+        _spread_cell(summary["replay_memory_bytes"], lambda size: f"{size / 2**20:.2f} MiB"),
+        _spread_cell(summary["seconds"], lambda seconds: f"{seconds / 60:.1f} min"),
+    ]
+
+
+def _markdown_table(first_column: str, columns: Sequence[str], rows: list[list[str]]) -> str:
+    lines = [f"| {first_column} | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)

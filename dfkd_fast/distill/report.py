@@ -106,16 +106,11 @@ def _save_figure(figure, path: Path) -> None:
 LEGEND_INSIDE_MAX_LINES = 3
 
 
-def plot_curves(path: Path, curves: dict[str, list[dict]], title: str) -> bool:
-    """Accuracy against step, one line per run; False when matplotlib is missing."""
-    pyplot = _pyplot()
-    if pyplot is None:
-        return False
-    figure, axes = pyplot.subplots(figsize=(6, 4))
-    for label, curve in curves.items():
-        points = [(entry["step"], entry["accuracy"]) for entry in curve if "accuracy" in entry]
-        if points:
-            axes.plot(*zip(*points), marker=".", label=label)
+def _accuracy_points(curve: list[dict]) -> dict[int, float]:
+    return {entry["step"]: entry["accuracy"] for entry in curve if "accuracy" in entry}
+
+
+def _save_accuracy_figure(pyplot, figure, axes, path: Path, title: str) -> None:
     axes.set(xlabel="step", ylabel="student test accuracy", title=title)
     axes.grid(alpha=0.3)
     if len(axes.lines) > LEGEND_INSIDE_MAX_LINES:  # beside the axes, not over the curves
@@ -124,6 +119,46 @@ def plot_curves(path: Path, curves: dict[str, list[dict]], title: str) -> bool:
         axes.legend()
     _save_figure(figure, path)
     pyplot.close(figure)
+
+
+def plot_curves(path: Path, curves: dict[str, list[dict]], title: str) -> bool:
+    """Accuracy against step, one line per run; False when matplotlib is missing."""
+    pyplot = _pyplot()
+    if pyplot is None:
+        return False
+    figure, axes = pyplot.subplots(figsize=(6, 4))
+    for label, curve in curves.items():
+        points = _accuracy_points(curve)
+        if points:
+            axes.plot(list(points), list(points.values()), marker=".", label=label)
+    _save_accuracy_figure(pyplot, figure, axes, path, title)
+    return True
+
+
+def curve_band(curves: list[list[dict]]) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Steps that every curve with accuracies evaluated, and at each the mean, lowest and highest
+    accuracy of those curves."""
+    points = [run for run in map(_accuracy_points, curves) if run]
+    steps = sorted(set.intersection(*(set(run) for run in points))) if points else []
+    values = [[run[step] for run in points] for step in steps]
+    means = [statistics.fmean(at) for at in values]
+    return steps, means, [min(at) for at in values], [max(at) for at in values]
+
+
+def plot_curve_bands(path: Path, groups: dict[str, list[list[dict]]], title: str) -> bool:
+    """Accuracy against step, one line per group of runs: its :func:`curve_band`, the mean drawn
+    and the range shaded; False when matplotlib is missing."""
+    pyplot = _pyplot()
+    if pyplot is None:
+        return False
+    figure, axes = pyplot.subplots(figsize=(6, 4))
+    for label, curves in groups.items():
+        steps, means, lows, highs = curve_band(curves)
+        if steps:
+            runs = sum(1 for curve in curves if _accuracy_points(curve))
+            line = axes.plot(steps, means, label=f"{label} ({runs} run{'s' * (runs > 1)})")[0]
+            axes.fill_between(steps, lows, highs, color=line.get_color(), alpha=0.2, linewidth=0)
+    _save_accuracy_figure(pyplot, figure, axes, path, title)
     return True
 
 
