@@ -292,6 +292,10 @@ def compare_command(arguments: dict) -> int:
     if group_by:
         print()
         print(comparison.group_markdown(group_by))
+        for name, summary in comparison.group_summaries(group_by).items():
+            if summary["differing_config"]:
+                print(f"{name}: its runs differ in {', '.join(summary['differing_config'])}",
+                      file=sys.stderr)
     if arguments["json"]:
         comparison.write_json(arguments["json"], group_by)
         print(f"metrics: {arguments['json']}")

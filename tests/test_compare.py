@@ -10,7 +10,7 @@ import pytest
 
 from dfkd_fast.cli import main
 from dfkd_fast.distill import DistillConfig, compare_runs, distill
-from dfkd_fast.distill.compare import COLUMNS, GROUP_COLUMNS, spread
+from dfkd_fast.distill.compare import COLUMNS, GROUP_COLUMNS, differing_keys, spread
 from dfkd_fast.distill.report import curve_band
 from tests.test_distill import IMAGE_SHAPE, TINY, held_out, networks
 
@@ -157,6 +157,7 @@ def test_groups_summarise_their_runs_spread(runs, tmp_path):
     assert ours["seconds"] == pytest.approx({"mean": 120, "std": 60, "min": 60, "max": 180,
                                              "count": 3})  # fmt: skip
     assert summaries["method=adversarial"]["first_step_at_95"]["count"] == 1
+    assert ours["differing_config"] == []
 
     table = cells(comparison.group_markdown(["method"]))
     assert list(table) == ["method=pre-dfkd", "method=adversarial"]
@@ -201,11 +202,18 @@ def test_the_compare_command_groups_runs_in_table_json_and_plot(runs, tmp_path, 
     arguments = ["compare", *map(str, folders), str(runs / "adversarial"), "--group-by", "method",
                  "--json", str(summary)]  # fmt: skip
     assert main(arguments) == 0
-    out = capsys.readouterr().out
-    assert "| group | runs | final |" in out and "| method=pre-dfkd | 2 | 95.50% ± 0.71% |" in out
+    captured = capsys.readouterr()
+    assert "| group | runs | final |" in captured.out
+    assert "| method=pre-dfkd | 2 | 95.50% ± 0.71% |" in captured.out
+    assert "differ in" not in captured.err
     written = json.loads(summary.read_text())
     assert set(written["groups"]) == {"method=pre-dfkd", "method=adversarial"}
     assert written["groups"]["method=pre-dfkd"]["final_accuracy"]["mean"] == pytest.approx(0.955)
+    metrics = json.loads((folders[1] / "metrics.json").read_text())
+    metrics["config"].update(seed=7, student_lr=0.5)
+    (folders[1] / "metrics.json").write_text(json.dumps(metrics))
+    assert main(arguments[:-2]) == 0
+    assert "method=pre-dfkd: its runs differ in seed, student_lr" in capsys.readouterr().err
     assert main(["compare", str(runs / "adversarial"), "--group-by", "nonsense"]) == 2
     assert "group by nonsense: not in the config of run adversarial" in capsys.readouterr().err
     pytest.importorskip("matplotlib")
@@ -224,3 +232,10 @@ def test_a_groups_band_is_the_mean_and_range_at_the_steps_all_its_runs_evaluated
     assert means == pytest.approx([0.5, 0.8])
     assert (lows, highs) == ([0.4, 0.7], [0.6, 0.9])
     assert curve_band([curves[2]]) == curve_band([]) == ([], [], [], [])
+
+
+def test_differing_keys_names_what_is_not_the_same_in_every_config():
+    configs = [{"method": "pre-dfkd", "seed": 0, "lr": 0.1}, {"method": "pre-dfkd", "seed": 1},
+               {"method": "pre-dfkd", "seed": 0, "lr": 0.1}]  # fmt: skip
+    assert differing_keys(configs) == ["lr", "seed"]
+    assert differing_keys(configs[:1]) == differing_keys([]) == []

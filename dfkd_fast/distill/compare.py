@@ -54,14 +54,17 @@ class Comparison:
     def group_summaries(self, keys: Sequence[str]) -> dict[str, dict]:
         """For each group of :meth:`groups`, its runs and the spread over them (mean, sample
         standard deviation, lowest, highest, count) of each robustness number, the wall time and
-        the replay memory; runs without test data add no accuracies."""
+        the replay memory; runs without test data add no accuracies. ``differing_config`` names
+        the config keys whose values differ between the group's runs (the seed, say)."""
         summaries = {}
         for name, labels in self.groups(keys).items():
             numbers = [robustness(self.runs[label]["curve"]) for label in labels]
             numbers = [run for run in numbers if run]
             reached = [run["first_step_at_accuracy"]["0.95"] for run in numbers]
+            configs = [self.runs[label]["config"] for label in labels]
             summaries[name] = {
                 "runs": labels,
+                "differing_config": differing_keys(configs),
                 **{key: spread([run[key] for run in numbers]) for key in (
                     "final_accuracy", "best_accuracy", "mean_accuracy", "final_minus_best",
                     "largest_drop")},  # fmt: skip
@@ -164,6 +167,12 @@ def summary_row(label: str, metrics: dict) -> list[str]:
         "-" if images_per_second is None else f"{images_per_second:.0f}",
         ", ".join(f"{name} {share:.1%}" for name, share in drawn.items()) or "-",
     ]
+
+
+def differing_keys(configs: list[dict]) -> list[str]:
+    """The keys, sorted, whose values are not the same in every config (missing counts as one)."""
+    keys = {key for config in configs for key in config}
+    return sorted(key for key in keys if len({repr(config.get(key)) for config in configs}) > 1)
 
 
 def spread(values: list) -> dict:
