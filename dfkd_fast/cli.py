@@ -162,7 +162,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="compare unfinished runs too, labelled with the step reached")
     compare.add_argument("--group-by", action="append", metavar="KEY",
                          help="also summarise the runs that share this config value (repeat for "
-                         "several keys), e.g. --group-by method for several seeds of each "
+                         "several keys; `teacher` groups by the teacher's weights), e.g. "
+                         "--group-by method for several seeds of each "
                          "method; --json then holds the groups' summaries too, and --plot draws "
                          "each group's mean curve with the range of its runs")  # fmt: skip
     return parser

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
 
 import pytest
+import torch
 
 from dfkd_fast.cli import main
 from dfkd_fast.distill import DistillConfig, compare_runs, distill
 from dfkd_fast.distill.compare import COLUMNS, GROUP_COLUMNS, differing_keys, spread
-from dfkd_fast.distill.report import curve_band
+from dfkd_fast.distill.report import curve_band, describe_network
 from tests.test_distill import IMAGE_SHAPE, TINY, held_out, networks
 
 
@@ -239,3 +241,48 @@ def test_differing_keys_names_what_is_not_the_same_in_every_config():
                {"method": "pre-dfkd", "seed": 0, "lr": 0.1}]  # fmt: skip
     assert differing_keys(configs) == ["lr", "seed"]
     assert differing_keys(configs[:1]) == differing_keys([]) == []
+
+
+def test_a_run_records_its_teachers_class_size_and_weights(runs):
+    teacher, _ = networks()
+    metrics = json.loads((runs / "adversarial" / "metrics.json").read_text())
+    assert metrics["teacher"] == describe_network(teacher)
+    assert metrics["teacher"]["class"] == type(teacher).__name__
+    assert metrics["teacher"]["parameters"] == sum(p.numel() for p in teacher.parameters())
+
+
+def test_a_networks_fingerprint_follows_its_weights_not_their_layout():
+    torch.manual_seed(3)
+    network = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3), torch.nn.BatchNorm2d(5))
+    network.register_buffer("mask", torch.rand(4) > 0.5)  # a bool buffer hashes too
+    fingerprint = describe_network(network)["weights_sha256"]
+    assert len(fingerprint) == 64
+    channels_last = network.to(memory_format=torch.channels_last)
+    assert describe_network(channels_last)["weights_sha256"] == fingerprint
+    assert describe_network(copy.deepcopy(network).bfloat16())["weights_sha256"] != fingerprint
+    changed = copy.deepcopy(network)
+    with torch.no_grad():
+        changed[0].weight[0, 0, 0, 0] += 1e-3
+    assert describe_network(changed)["weights_sha256"] != fingerprint
+    assert describe_network(network)["parameters"] == 3 * 5 * 9 + 5 + 5 + 5
+
+
+def test_runs_group_by_their_teacher_and_name_a_teacher_that_differs(runs, tmp_path):
+    other = tmp_path / "other-teacher"
+    shutil.copytree(runs / "memory-bank", other)
+    metrics = json.loads((other / "metrics.json").read_text())
+    metrics["config"]["method"] = "adversarial"
+    metrics["teacher"]["weights_sha256"] = "f" * 64
+    (other / "metrics.json").write_text(json.dumps(metrics))
+    comparison = compare_runs([runs / "adversarial", other])
+    ours = describe_network(networks()[0])
+    assert comparison.groups(["teacher"]) == {
+        f"teacher={ours['class']}:{ours['weights_sha256'][:12]}": ["adversarial"],
+        f"teacher={ours['class']}:ffffffffffff": ["other-teacher"],
+    }
+    assert comparison.group_summaries(["method"])["method=adversarial"]["differing_config"] == [
+        "teacher"]
+    del metrics["teacher"]  # a run made before teachers were recorded
+    (other / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(ValueError, match="group by teacher: not in the config of run other-"):
+        compare_runs([runs / "adversarial", other]).groups(["teacher"])

@@ -38,16 +38,18 @@ class Comparison:
         return _markdown_table("run", COLUMNS, self.rows())
 
     def groups(self, keys: Sequence[str]) -> dict[str, list[str]]:
-        """The runs' labels by their config values of ``keys`` ("method=pre-dfkd"), groups in the
-        order of their first run; ValueError naming a key that a run's config lacks."""
+        """The runs' labels by their values of ``keys`` (see :func:`grouping_values`:
+        "method=pre-dfkd"), groups in the order of their first run; ValueError naming a key that
+        a run lacks."""
         if isinstance(keys, str) or not keys:
             raise ValueError(f"keys: give a list of config keys, got {keys!r}")
         groups: dict[str, list[str]] = {}
         for label, metrics in self.runs.items():
-            missing = [key for key in keys if key not in metrics["config"]]
+            values = grouping_values(metrics)
+            missing = [key for key in keys if key not in values]
             if missing:
                 raise ValueError(f"group by {', '.join(missing)}: not in the config of run {label}")
-            name = ", ".join(f"{key}={metrics['config'][key]}" for key in keys)
+            name = ", ".join(f"{key}={values[key]}" for key in keys)
             groups.setdefault(name, []).append(label)
         return groups
 
@@ -61,7 +63,7 @@ class Comparison:
             numbers = [robustness(self.runs[label]["curve"]) for label in labels]
             numbers = [run for run in numbers if run]
             reached = [run["first_step_at_accuracy"]["0.95"] for run in numbers]
-            configs = [self.runs[label]["config"] for label in labels]
+            configs = [grouping_values(self.runs[label]) for label in labels]
             summaries[name] = {
                 "runs": labels,
                 "differing_config": differing_keys(configs),
@@ -167,6 +169,16 @@ def summary_row(label: str, metrics: dict) -> list[str]:
         "-" if images_per_second is None else f"{images_per_second:.0f}",
         ", ".join(f"{name} {share:.1%}" for name, share in drawn.items()) or "-",
     ]
+
+
+def grouping_values(metrics: dict) -> dict:
+    """What runs can be grouped by: the config's values and, for runs that recorded their
+    teacher, ``teacher`` (its class and the start of its weights' SHA-256)."""
+    values = dict(metrics["config"])
+    teacher = metrics.get("teacher")
+    if isinstance(teacher, dict) and "weights_sha256" in teacher:
+        values["teacher"] = f"{teacher.get('class', '?')}:{teacher['weights_sha256'][:12]}"
+    return values
 
 
 def differing_keys(configs: list[dict]) -> list[str]:

@@ -362,6 +362,7 @@ def distill(
             UserWarning,
             stacklevel=2,
         )
+    teacher_description = report.describe_network(teacher)
     run = Run(teacher, student, config, image_shape, has_bn, collection, scored)
     curve: list[dict] = []
     interval_losses: list[dict] = []  # the losses of the steps since the last evaluation
@@ -394,6 +395,7 @@ def distill(
     def write_report(step: int, seconds: float, finished: bool) -> dict:
         metrics = report.metrics(config, curve, run.replay_memory_bytes(), seconds,
                                  seconds - eval_seconds, step, finished)  # fmt: skip
+        metrics["teacher"] = teacher_description
         if not config.data_free:
             metrics["drawn_fraction_per_source"] = run.drawn_fractions()
         if directory is not None:

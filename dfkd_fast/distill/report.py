@@ -5,6 +5,7 @@ memory, the timing; written as metrics.json and curve.csv, and plotted as PNGs."
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import math
 import statistics
@@ -40,6 +41,21 @@ def robustness(curve: list[dict]) -> dict:
         "largest_drop": max([0.0, *drops]),
         "evaluations": len(accuracies),
         "first_step_at_accuracy": first_step_at,
+    }
+
+
+def describe_network(network: torch.nn.Module) -> dict:
+    """The network's class, parameter count and a SHA-256 of its state dict (names, dtypes,
+    shapes and values, whatever the device and memory format): which teacher a run distilled."""
+    digest = hashlib.sha256()
+    for name, tensor in network.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return {
+        "class": type(network).__name__,
+        "parameters": sum(parameter.numel() for parameter in network.parameters()),
+        "weights_sha256": digest.hexdigest(),
     }
 
 
