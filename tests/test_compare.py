@@ -284,5 +284,5 @@ def test_runs_group_by_their_teacher_and_name_a_teacher_that_differs(runs, tmp_p
         "teacher"]
     del metrics["teacher"]  # a run made before teachers were recorded
     (other / "metrics.json").write_text(json.dumps(metrics))
-    with pytest.raises(ValueError, match="group by teacher: not in the config of run other-"):
+    with pytest.raises(ValueError, match="group by teacher: run other-teacher recorded no teacher"):
         compare_runs([runs / "adversarial", other]).groups(["teacher"])

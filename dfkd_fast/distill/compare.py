@@ -47,6 +47,9 @@ class Comparison:
         for label, metrics in self.runs.items():
             values = grouping_values(metrics)
             missing = [key for key in keys if key not in values]
+            if missing == ["teacher"]:
+                raise ValueError(f"group by teacher: run {label} recorded no teacher (made "
+                                 "before runs recorded theirs)")  # fmt: skip
             if missing:
                 raise ValueError(f"group by {', '.join(missing)}: not in the config of run {label}")
             name = ", ".join(f"{key}={values[key]}" for key in keys)
