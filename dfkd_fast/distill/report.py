@@ -5,7 +5,6 @@ memory, the timing; written as metrics.json and curve.csv, and plotted as PNGs."
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import math
 import statistics
@@ -15,6 +14,7 @@ import torch
 
 from dfkd_fast.distill.streams import SAMPLE_GRID_STREAM, stream_seed
 from dfkd_fast.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from dfkd_fast.models import weights_sha256
 from dfkd_fast.ops.reparameterize import sample_prior
 
 
@@ -45,17 +45,12 @@ def robustness(curve: list[dict]) -> dict:
 
 
 def describe_network(network: torch.nn.Module) -> dict:
-    """The network's class, parameter count and a SHA-256 of its state dict (names, dtypes,
-    shapes and values, whatever the device and memory format): which teacher a run distilled."""
-    digest = hashlib.sha256()
-    for name, tensor in network.state_dict().items():
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    """The network's class, parameter count and :func:`~dfkd_fast.models.weights_sha256`: which
+    teacher a run distilled."""
     return {
         "class": type(network).__name__,
         "parameters": sum(parameter.numel() for parameter in network.parameters()),
-        "weights_sha256": digest.hexdigest(),
+        "weights_sha256": weights_sha256(network),
     }
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from torch import nn
 
@@ -35,6 +37,7 @@ __all__ = [
     "load_pretrained_cifar_resnet",
     "small_cnn",
     "strip_prefix",
+    "weights_sha256",
     "wide_resnet",
 ]
 
@@ -66,3 +69,14 @@ def build_classifier(name: str, num_classes: int, in_channels: int,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return CLASSIFIERS[name][0](num_classes, in_channels)
+
+
+def weights_sha256(network: nn.Module) -> str:
+    """SHA-256 (hex) of the network's state dict, its names and values, whatever the device and
+    memory format: the same for the same weights."""
+    digest = hashlib.sha256()
+    for name, tensor in network.state_dict().items():
+        digest.update(name.encode())
+        values = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(values.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -16,7 +16,6 @@ means more related. Scoring a collection is batched, shows progress and is cache
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 from dfkd_fast.devices import available_device
 from dfkd_fast.hooks import batchnorm_layers
 from dfkd_fast.io import atomic_torch_save, load_checkpoint
+from dfkd_fast.models import weights_sha256
 from dfkd_fast.ops.bn_stats import bn_stats
 from dfkd_fast.stopping import RunStopped, deferred_stop_signals
 
@@ -142,14 +142,6 @@ class ScoredCollection:
         return self.teacher_logits.argmax(dim=1)
 
 
-def _teacher_digest(teacher: nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in teacher.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def score_collection(teacher: nn.Module, collection, score: str = "msp", batch_size: int = 512,
                      device="cpu", cache_dir: str | os.PathLike | None = None,
                      progress: bool = True) -> ScoredCollection:  # fmt: skip
@@ -167,7 +159,7 @@ def score_collection(teacher: nn.Module, collection, score: str = "msp", batch_s
     cache_path = partial_path = None
     scores, logits, first = [], [], 0
     if cache_dir is not None:
-        key = f"{collection.fingerprint()}-{_teacher_digest(teacher)}-{score}"
+        key = f"{collection.fingerprint()}-{weights_sha256(teacher)[:16]}-{score}"
         cache_path = Path(cache_dir) / f"scores-{key}.pt"
         partial_path = Path(cache_dir) / f"scores-{key}.partial.pt"
         if cache_path.exists():
