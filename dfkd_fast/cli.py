@@ -24,6 +24,7 @@ from dfkd_fast.distill import (
     distill,
     preset_config,
 )
+from dfkd_fast.distill.compare import group_table
 from dfkd_fast.devices import available_device
 from dfkd_fast.host_memory import retain_freed_host_memory
 from dfkd_fast.io import ensure_writable_dir
@@ -290,15 +291,16 @@ def compare_command(arguments: dict) -> int:
         raise UsageError("no finished run to compare (--include-unfinished compares the others)")
     print(comparison.markdown())
     group_by = arguments["group_by"] or ()
-    if group_by:
+    summaries = comparison.group_summaries(group_by) if group_by else None
+    if summaries:
         print()
-        print(comparison.group_markdown(group_by))
-        for name, summary in comparison.group_summaries(group_by).items():
+        print(group_table(summaries))
+        for name, summary in summaries.items():
             if summary["differing_config"]:
                 print(f"{name}: its runs differ in {', '.join(summary['differing_config'])}",
                       file=sys.stderr)
     if arguments["json"]:
-        comparison.write_json(arguments["json"], group_by)
+        comparison.write_json(arguments["json"], summaries)
         print(f"metrics: {arguments['json']}")
     if arguments["plot"]:
         if not comparison.plot(arguments["plot"], arguments["title"], group_by):

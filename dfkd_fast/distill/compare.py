@@ -81,15 +81,14 @@ class Comparison:
         return summaries
 
     def group_markdown(self, keys: Sequence[str]) -> str:
-        rows = [group_row(name, summary) for name, summary in self.group_summaries(keys).items()]
-        return _markdown_table("group", GROUP_COLUMNS, rows)
+        return group_table(self.group_summaries(keys))
 
-    def write_json(self, path: Path, group_by: Sequence[str] = ()) -> None:
-        """The runs' metrics and this machine's description; with ``group_by``, the groups'
-        summaries too."""
+    def write_json(self, path: Path, group_summaries: dict[str, dict] | None = None) -> None:
+        """The runs' metrics and this machine's description; the groups' summaries too, if
+        given (:meth:`group_summaries`)."""
         contents = {"machine": machine_description(), "runs": self.runs}
-        if group_by:
-            contents["groups"] = self.group_summaries(group_by)
+        if group_summaries:
+            contents["groups"] = group_summaries
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, contents)
 
@@ -231,6 +230,12 @@ def group_row(name: str, summary: dict) -> list[str]:
         _spread_cell(summary["replay_memory_bytes"], lambda size: f"{size / 2**20:.2f} MiB"),
         _spread_cell(summary["seconds"], lambda seconds: f"{seconds / 60:.1f} min"),
     ]
+
+
+def group_table(summaries: dict[str, dict]) -> str:
+    """The groups' table of :meth:`Comparison.group_summaries`."""
+    rows = [group_row(name, summary) for name, summary in summaries.items()]
+    return _markdown_table("group", GROUP_COLUMNS, rows)
 
 
 def _markdown_table(first_column: str, columns: Sequence[str], rows: list[list[str]]) -> str:
