@@ -106,9 +106,9 @@ def _parser() -> argparse.ArgumentParser:
         "distill", help="distill a teacher into a student without data",
         description="Distills a teacher checkpoint into a student from generator samples alone. "
         "Without --teacher, trains (once) a teacher on scikit-learn's bundled digits and "
-        "distills that. Writes metrics.json, curve.csv, accuracy.png, samples.png, "
-        "class_shares.png (data-free methods) or scores.png (unlabeled), checkpoint.pt and "
-        "student.pt to --output-dir.",
+        "distills that. Writes metrics.json, curve.csv, accuracy.png and class_accuracy.png "
+        "(with test data), samples.png, class_shares.png (data-free methods) or scores.png "
+        "(unlabeled), checkpoint.pt and student.pt to --output-dir.",
     )  # fmt: skip
     run.add_argument("--teacher", type=Path, help="teacher checkpoint (train-teacher's, or a "
                      "bare state dict with --teacher-arch and --dataset)")  # fmt: skip
@@ -268,6 +268,12 @@ def distill_command(arguments: dict) -> int:
         print(f"student: {student_arch}, final {numbers['final_accuracy']:.2%} test accuracy "
               f"(best {numbers['best_accuracy']:.2%}, mean over the run "
               f"{numbers['mean_accuracy']:.2%}), {result.metrics['seconds']:.0f} s")  # fmt: skip
+    if "class_forgetting" in numbers:
+        most = numbers["most_forgotten_class"]
+        print(f"forgetting per class (its best accuracy before the end minus its final): mean "
+              f"{numbers['class_forgetting']:.2%}, largest "
+              f"{numbers['largest_class_forgetting']:.2%}"
+              + ("" if most is None else f" (class {most})"))  # fmt: skip
     if "drawn_fraction_per_source" in result.metrics:
         drawn = ", ".join(f"{name} {share:.1%}" for name, share in
                           result.metrics["drawn_fraction_per_source"].items())  # fmt: skip
@@ -277,9 +283,10 @@ def distill_command(arguments: dict) -> int:
         print(f"the teacher's classes of the last synthetic samples: {min(shares):.1%} (class "
               f"{shares.index(min(shares))}) to {max(shares):.1%} (class "
               f"{shares.index(max(shares))}) each")  # fmt: skip
-    plots = "class_shares.png" if config.data_free else "scores.png"
-    print(f"report: {output_dir}/ (metrics.json, curve.csv, accuracy.png, samples.png, {plots}, "
-          "student.pt)")
+    plots = ["accuracy.png", "class_accuracy.png" if numbers else None, "samples.png",
+             "class_shares.png" if config.data_free else "scores.png"]  # fmt: skip
+    print(f"report: {output_dir}/ (metrics.json, curve.csv, "
+          f"{', '.join(filter(None, plots))}, student.pt)")
     return 0
 
 

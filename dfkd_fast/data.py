@@ -44,9 +44,21 @@ class ImageSet:
                 f"need images (N, C, H, W) and N labels, got {tuple(self.images.shape)} and "
                 f"{tuple(self.labels.shape)}"
             )
+        if self.labels.dtype != torch.int64:
+            raise TypeError(f"labels must be an int64 tensor, got {self.labels.dtype}")
+        if len(self.labels):
+            low, high = int(self.labels.min()), int(self.labels.max())
+            if low < 0 or high >= self.num_classes:
+                raise ValueError(f"labels must be in [0, num_classes={self.num_classes}), got "
+                                 f"labels from {low} to {high}")  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def class_counts(self) -> torch.Tensor:
+        """How many images each class has."""
+        return torch.bincount(self.labels, minlength=self.num_classes)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

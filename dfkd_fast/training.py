@@ -25,6 +25,7 @@ __all__ = [
     "ClassifierInfo",
     "TrainConfig",
     "accuracy",
+    "correct_per_class",
     "load_classifier",
     "save_classifier",
     "train_classifier",
@@ -76,17 +77,25 @@ class ClassifierInfo:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, data: ImageSet, batch_size: int = 1000, device="cpu") -> float:
-    """Top-1 accuracy of `model` on `data` (model put in eval mode, then back)."""
+def correct_per_class(model: nn.Module, data: ImageSet, batch_size: int = 1000,
+                      device="cpu") -> torch.Tensor:  # fmt: skip
+    """How many images of each of `data`'s classes `model` classifies right (top-1), as an int64
+    tensor on `device` (model put in eval mode, then back)."""
     was_training = model.training
     model.eval()
-    correct = 0
+    correct = torch.zeros(data.num_classes, dtype=torch.int64, device=device)
     for start in range(0, len(data), batch_size):
         images = data.images[start : start + batch_size].to(device)
         labels = data.labels[start : start + batch_size].to(device)
-        correct += (model(images).argmax(dim=1) == labels).sum()
+        right = model(images).argmax(dim=1) == labels
+        correct += torch.bincount(labels[right], minlength=data.num_classes)
     model.train(was_training)
-    return (correct / max(len(data), 1)).item()
+    return correct
+
+
+def accuracy(model: nn.Module, data: ImageSet, batch_size: int = 1000, device="cpu") -> float:
+    """Top-1 accuracy of `model` on `data` (model put in eval mode, then back)."""
+    return (correct_per_class(model, data, batch_size, device).sum() / max(len(data), 1)).item()
 
 
 def random_translate(images: torch.Tensor, max_shift: int, generator: torch.Generator):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -39,7 +40,9 @@ def test_distill_runs_the_embedded_default_and_resumes_idempotently(tmp_path, ca
     printed, bars = capsys.readouterr()
     assert "teacher: cnn32 on the digits" in printed and "student: cnn8, final" in printed
     assert "the teacher's classes of the last synthetic samples: " in printed
-    assert "samples.png, class_shares.png, student.pt)" in printed
+    assert "accuracy.png, class_accuracy.png, samples.png, class_shares.png, student.pt)" in printed
+    assert re.search(r"forgetting per class \(its best accuracy before the end minus its final\): "
+                     r"mean \d+\.\d\d%, largest \d+\.\d\d%", printed)  # fmt: skip
     assert "teacher (supervised)" not in bars and "distill (" not in bars  # --quiet
     metrics = json.loads((output / "metrics.json").read_text())
     assert metrics["config"]["method"] == "memory-bank" and metrics["config"]["batch_size"] == 16

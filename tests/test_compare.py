@@ -115,13 +115,17 @@ def test_the_compare_command_prints_the_table_and_writes_what_it_is_asked(runs, 
     assert "nothing-here: no metrics.json" in capsys.readouterr().err
 
 
-def run_with_curve(runs, tmp_path, name: str, method: str, accuracies: list[float], seconds: float):
-    """A copy of the adversarial run under another name, method, accuracy curve and wall time."""
+def run_with_curve(runs, tmp_path, name: str, method: str, accuracies: list[float], seconds: float,
+                   class_accuracies: list[list[float]] | None = None):  # fmt: skip
+    """A copy of the adversarial run under another name, method, accuracy curve (per class too,
+    if given) and wall time."""
     folder = tmp_path / name
     shutil.copytree(runs / "adversarial", folder)
     metrics = json.loads((folder / "metrics.json").read_text())
     metrics["config"]["method"] = method
     metrics["curve"] = [{"step": 10 * (i + 1), "accuracy": a} for i, a in enumerate(accuracies)]
+    for entry, per_class in zip(metrics["curve"], class_accuracies or []):
+        entry["class_accuracy"] = per_class
     metrics["seconds"] = seconds
     (folder / "metrics.json").write_text(json.dumps(metrics))
     return folder
@@ -172,6 +176,30 @@ def test_groups_summarise_their_runs_spread(runs, tmp_path):
     assert theirs["final"] == f"78.00% ± {math.sqrt(2 * 0.18**2):.2%}"
     assert theirs["first step at 95%"] == "20 (1 of 2 runs)"
     assert theirs["wall time"] == "2.0 min"
+
+
+def test_both_tables_show_what_each_class_was_forgotten(runs, tmp_path):
+    """Run a forgets 0.2 of class 0 and nothing of class 1; run b 0.1 of class 1 and nothing of
+    class 0; run c has no per-class accuracies (made before runs recorded them)."""
+    folders = [
+        run_with_curve(runs, tmp_path, "a", "pre-dfkd", [0.8, 0.8], 60.0, [[0.9, 0.5], [0.7, 0.9]]),
+        run_with_curve(runs, tmp_path, "b", "pre-dfkd", [0.8, 0.8], 60.0, [[0.5, 0.9], [0.6, 0.8]]),
+        run_with_curve(runs, tmp_path, "c", "adversarial", [0.8, 0.8], 60.0),
+    ]
+    comparison = compare_runs(folders)
+    table = cells(comparison.markdown())
+    column = "class forgetting, mean / largest"
+    assert table["a"][column] == "10.00% / 20.00%"
+    assert table["b"][column] == "5.00% / 10.00%"
+    assert table["c"][column] == "-"
+    summaries = comparison.group_summaries(["method"])
+    assert summaries["method=pre-dfkd"]["largest_class_forgetting"] == pytest.approx(
+        {"mean": 0.15, "std": math.sqrt(2 * 0.05**2), "min": 0.1, "max": 0.2, "count": 2})
+    assert summaries["method=adversarial"]["class_forgetting"] == {"count": 0}
+    groups = cells(comparison.group_markdown(["method"]))
+    assert groups["method=pre-dfkd"][column] == (
+        f"7.50% ± {math.sqrt(2 * 0.025**2):.2%} / 15.00% ± {math.sqrt(2 * 0.05**2):.2%}")
+    assert groups["method=adversarial"][column] == "-"
 
 
 def test_a_group_of_runs_without_test_data_has_no_accuracies(runs, tmp_path):

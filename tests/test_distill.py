@@ -22,7 +22,7 @@ from dfkd_fast.distill.config import DATA_FREE_METHODS
 from dfkd_fast.distill import engine, steps
 from dfkd_fast.distill.averaging import WeightAverage
 from dfkd_fast.distill.replay import GenerativeReplay, MemoryBank
-from dfkd_fast.distill.report import robustness
+from dfkd_fast.distill.report import class_forgetting, robustness
 from dfkd_fast.distill.streams import (
     REPLAY_STREAM,
     SAMPLE_GRID_STREAM,
@@ -415,6 +415,9 @@ def test_bad_networks_and_shapes_are_refused():
         distill(teacher, small_cnn(2), DistillConfig(**TINY), IMAGE_SHAPE, test_set=colour)
     with pytest.raises(TypeError, match="test_set must be a dfkd_fast.data.ImageSet"):
         distill(teacher, small_cnn(2), DistillConfig(**TINY), IMAGE_SHAPE, test_set=[1, 2])
+    with pytest.raises(ValueError, match="test_set holds no images"):
+        distill(teacher, small_cnn(2), DistillConfig(**TINY), IMAGE_SHAPE,
+                test_set=held_out().subset(0))  # fmt: skip
 
 
 class NoBatchNorm(nn.Module):
@@ -852,6 +855,49 @@ def test_data_free_runs_report_the_teachers_classes_of_each_intervals_synthetic_
         f"synthetic_class_shares_{k}" for k in range(10)]
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "run" / "class_shares.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("method", ["pre-dfkd", "unlabeled"])
+def test_each_evaluation_records_the_students_accuracy_on_each_class(tmp_path, method):
+    result = run(tmp_path, method)
+    test_set = held_out()
+    predictions = result.student(test_set.images).argmax(dim=1)
+    expected = [float(((test_set.labels == k) & (predictions == k)).sum()
+                      / (test_set.labels == k).sum()) for k in range(10)]  # fmt: skip
+    final = result.curve[-1]
+    assert final["class_accuracy"] == pytest.approx(expected, abs=1e-5)
+    for entry in result.curve:
+        by_class = sum(accuracy * count for accuracy, count in
+                       zip(entry["class_accuracy"], test_set.class_counts.tolist()))  # fmt: skip
+        assert by_class / len(test_set) == pytest.approx(entry["accuracy"], abs=1e-4)
+    assert result.metrics["robustness"]["class_forgetting"] == pytest.approx(
+        class_forgetting(result.curve)["class_forgetting"])
+    header = (tmp_path / "run" / "curve.csv").read_text().splitlines()[0].split(",")
+    assert [column for column in header if column.startswith("class_accuracy")] == [
+        f"class_accuracy_{k}" for k in range(10)]
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "run" / "class_accuracy.png").stat().st_size > 0
+
+
+def test_class_forgetting_of_known_per_class_curves():
+    """Class 0 forgets 0.3 for good, class 1 dips by 0.5 and recovers, class 2 only learns, class
+    3 has no test images."""
+    rows = [[0.9, 0.8, 0.1, None], [0.6, 0.3, 0.5, None], [0.7, 0.9, 0.6, None],
+            [0.6, 0.85, 0.9, None]]  # fmt: skip
+    curve = [{"step": step, "accuracy": 0.5, "class_accuracy": row}
+             for step, row in enumerate(rows, 1)]  # fmt: skip
+    numbers = class_forgetting(curve)
+    assert numbers["class_forgetting"] == pytest.approx((0.3 + 0.05 + 0.0) / 3)
+    assert numbers["largest_class_forgetting"] == pytest.approx(0.3)
+    assert numbers["most_forgotten_class"] == 0
+    assert numbers["largest_class_drop"] == pytest.approx(0.5)
+    assert robustness(curve)["largest_class_drop"] == pytest.approx(0.5)
+    learning = [{"step": 1, "class_accuracy": [0.1, 0.2]}, {"step": 2, "class_accuracy": [0.3, 0.2]}]
+    assert class_forgetting(learning) == {"class_forgetting": 0.0, "largest_class_forgetting": 0.0,
+                                          "most_forgotten_class": None, "largest_class_drop": 0.0}
+    assert class_forgetting(curve[:1]) == {}
+    assert class_forgetting([{"step": 1, "accuracy": 0.5}] * 3) == {}
+    assert "class_forgetting" not in robustness([{"step": 1, "accuracy": 0.5}] * 3)
 
 
 def test_an_unlabeled_run_reports_no_synthetic_class_shares(tmp_path):

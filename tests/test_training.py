@@ -12,7 +12,14 @@ from dfkd_fast.data import ImageSet
 from dfkd_fast.io import load_checkpoint
 from dfkd_fast.models import small_cnn
 from dfkd_fast.stopping import RunStopped
-from dfkd_fast.training import ClassifierInfo, TrainConfig, load_classifier, train_classifier
+from dfkd_fast.training import (
+    ClassifierInfo,
+    TrainConfig,
+    accuracy,
+    correct_per_class,
+    load_classifier,
+    train_classifier,
+)
 from tests.conftest import needs_the_main_thread, same_state
 
 CONFIG = TrainConfig(epochs=3, batch_size=16, lr=0.05, max_shift=1, seed=4)
@@ -140,3 +147,34 @@ def test_a_state_dict_of_another_architecture_is_refused_with_a_short_account(tm
     state["0.weight"] = small_cnn(8).state_dict()["0.weight"]
     torch.save(state, path)
     assert load_classifier(path, info)[1] == info
+
+
+@pytest.mark.parametrize("batch_size", [1000, 7])
+def test_correct_per_class_counts_each_class_and_sums_to_the_accuracy(batch_size):
+    """Labels drawn unevenly, class 9 without images; batches that do not divide the set."""
+    generator = torch.Generator().manual_seed(5)
+    labels = torch.randint(0, 9, (53,), generator=generator)
+    data = ImageSet(torch.randn(53, 1, 8, 8, generator=generator), labels, (0.0,), (1.0,), 10)
+    model = fresh_model().eval()
+    predictions = model(data.images).argmax(dim=1)
+    expected = [int(((labels == k) & (predictions == k)).sum()) for k in range(10)]
+    correct = correct_per_class(model, data, batch_size=batch_size)
+    assert correct.dtype == torch.int64 and correct.tolist() == expected
+    assert data.class_counts.tolist() == [int((labels == k).sum()) for k in range(10)]
+    assert accuracy(model, data, batch_size) == pytest.approx(sum(expected) / 53)
+    assert 0 < sum(expected) < 53  # the check above compares something
+
+
+@pytest.mark.parametrize(
+    "labels, error, match",
+    [
+        (torch.tensor([0, 10]), ValueError, r"labels must be in \[0, num_classes=10\), got "
+                                            r"labels from 0 to 10"),  # fmt: skip
+        (torch.tensor([-1, 3]), ValueError, "labels from -1 to 3"),
+        (torch.tensor([0.0, 1.0]), TypeError, "labels must be an int64 tensor, got torch.float32"),
+        (torch.tensor([0, 1], dtype=torch.int32), TypeError, "got torch.int32"),
+    ],
+)
+def test_an_image_set_refuses_labels_outside_its_classes(labels, error, match):
+    with pytest.raises(error, match=match):
+        ImageSet(torch.zeros(2, 1, 8, 8), labels, (0.0,), (1.0,), 10)

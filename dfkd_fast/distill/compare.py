@@ -19,10 +19,13 @@ import torch
 from dfkd_fast.distill.report import plot_curve_bands, plot_curves, robustness
 from dfkd_fast.io import atomic_write_json
 
-COLUMNS = ("final", "best", "mean", "variance", "final - best", "first step at 95%",
-           "replay memory", "wall time", "student img/s", "drawn per source")  # fmt: skip
+COLUMNS = ("final", "best", "mean", "variance", "final - best", "class forgetting, mean / largest",
+           "first step at 95%", "replay memory", "wall time", "student img/s",
+           "drawn per source")  # fmt: skip
 GROUP_COLUMNS = ("runs", "final", "best", "mean", "final - best", "largest drop",
-                 "first step at 95%", "replay memory", "wall time")  # fmt: skip
+                 "class forgetting, mean / largest", "first step at 95%", "replay memory",
+                 "wall time")  # fmt: skip
+FORGETTING_KEYS = ("class_forgetting", "largest_class_forgetting")
 REQUIRED_KEYS = frozenset({"config", "curve", "finished", "step"})
 
 
@@ -73,6 +76,7 @@ class Comparison:
                 **{key: spread([run[key] for run in numbers]) for key in (
                     "final_accuracy", "best_accuracy", "mean_accuracy", "final_minus_best",
                     "largest_drop")},  # fmt: skip
+                **{key: spread([run.get(key) for run in numbers]) for key in FORGETTING_KEYS},
                 "first_step_at_95": spread([step for step in reached if step is not None]),
                 "seconds": spread([self.runs[label].get("seconds") for label in labels]),
                 "replay_memory_bytes": spread(
@@ -165,6 +169,8 @@ def summary_row(label: str, metrics: dict) -> list[str]:
         _percent(numbers.get("mean_accuracy")),
         f"{numbers['accuracy_variance']:.2e}" if numbers else "-",
         f"{numbers['final_minus_best']:+.2%}" if numbers else "-",
+        " / ".join(_percent(numbers[key]) for key in FORGETTING_KEYS)
+        if "class_forgetting" in numbers else "-",
         str(numbers["first_step_at_accuracy"]["0.95"] or "never") if numbers else "-",
         f"{metrics.get('replay_memory_bytes', 0) / 2**20:.2f} MiB",
         "-" if seconds is None else f"{seconds / 60:.1f} min",
@@ -226,6 +232,8 @@ def group_row(name: str, summary: dict) -> list[str]:
         *(_spread_cell(summary[key], _percent) for key in (
             "final_accuracy", "best_accuracy", "mean_accuracy", "final_minus_best",
             "largest_drop")),  # fmt: skip
+        " / ".join(_spread_cell(summary[key], _percent) for key in FORGETTING_KEYS)
+        if summary["class_forgetting"]["count"] else "-",
         first_step if summary["final_accuracy"]["count"] else "-",
         _spread_cell(summary["replay_memory_bytes"], lambda size: f"{size / 2**20:.2f} MiB"),
         _spread_cell(summary["seconds"], lambda seconds: f"{seconds / 60:.1f} min"),

@@ -32,7 +32,7 @@ from dfkd_fast.hooks import BNStatHooks, PenultimateFeatures, batchnorm_layers
 from dfkd_fast.io import atomic_torch_save, ensure_writable_dir, load_checkpoint
 from dfkd_fast.models.generator import Generator, check_image_shape
 from dfkd_fast.stopping import RunStopped, deferred_stop_signals
-from dfkd_fast.training import accuracy
+from dfkd_fast.training import accuracy, correct_per_class
 from dfkd_fast.unlabeled.collection import Collection
 from dfkd_fast.unlabeled.sampling import RelatednessSampler
 from dfkd_fast.unlabeled.scores import score_collection
@@ -247,6 +247,8 @@ def check_networks(teacher, student, image_shape) -> int:
 def _check_test_set(test_set, image_shape, num_classes: int) -> None:
     if not isinstance(test_set, ImageSet):
         raise TypeError(f"test_set must be a dfkd_fast.data.ImageSet, got {type(test_set).__name__}")
+    if len(test_set) == 0:
+        raise ValueError("test_set holds no images")
     if test_set.num_classes != num_classes:
         raise ValueError(f"test_set has {test_set.num_classes} classes, the teacher {num_classes}")
     if test_set.image_shape != image_shape:
@@ -363,6 +365,7 @@ def distill(
             stacklevel=2,
         )
     teacher_description = report.describe_network(teacher)
+    class_counts = test_set.class_counts.tolist() if test_set is not None else []
     run = Run(teacher, student, config, image_shape, has_bn, collection, scored)
     curve: list[dict] = []
     interval_losses: list[dict] = []  # the losses of the steps since the last evaluation
@@ -386,7 +389,10 @@ def distill(
                 else:
                     entry[f"{name}_loss"] = mean.item()
         if test_set is not None:
-            entry["accuracy"] = accuracy(run.kept_student(), test_set, device=run.device)
+            correct = correct_per_class(run.kept_student(), test_set, device=run.device).cpu()
+            entry["accuracy"] = (correct.sum() / len(test_set)).item()
+            entry["class_accuracy"] = [None if count == 0 else round(right / count, 5)
+                                       for right, count in zip(correct.tolist(), class_counts)]
             if run.student_average is not None:
                 entry["trained_weights_accuracy"] = accuracy(run.student, test_set,
                                                              device=run.device)  # fmt: skip

@@ -41,6 +41,34 @@ def robustness(curve: list[dict]) -> dict:
         "largest_drop": max([0.0, *drops]),
         "evaluations": len(accuracies),
         "first_step_at_accuracy": first_step_at,
+        **class_forgetting(curve),
+    }
+
+
+def class_forgetting(curve: list[dict]) -> dict:
+    """What the student forgot of each class, from the per-class test accuracies of at least
+    two evaluations: a class's forgetting is its best accuracy before the last evaluation minus
+    its last accuracy, or 0 (Chaudhry et al., 2018); ``class_forgetting`` is the mean over the
+    classes, ``largest_class_forgetting`` the largest, ``most_forgotten_class`` that class (None
+    when none forgot), and ``largest_class_drop`` the largest fall of one class's accuracy
+    between two evaluations, recovered later or not. Classes without test images are left out."""
+    rows = [entry["class_accuracy"] for entry in curve if "class_accuracy" in entry]
+    if len(rows) < 2:
+        return {}
+    forgetting, drops = {}, [0.0]
+    for label, column in enumerate(zip(*rows)):
+        if None in column:
+            continue
+        forgetting[label] = max(0.0, max(column[:-1]) - column[-1])
+        drops += [before - after for before, after in zip(column, column[1:])]
+    if not forgetting:
+        return {}
+    most_forgotten = max(forgetting, key=forgetting.get)
+    return {
+        "class_forgetting": statistics.fmean(forgetting.values()),
+        "largest_class_forgetting": forgetting[most_forgotten],
+        "most_forgotten_class": most_forgotten if forgetting[most_forgotten] > 0 else None,
+        "largest_class_drop": max(drops),
     }
 
 
@@ -203,6 +231,32 @@ def plot_class_shares(path: Path, curve: list[dict]) -> bool:
     return True
 
 
+def plot_class_accuracy(path: Path, curve: list[dict]) -> bool:
+    """The student's test accuracy on each class over the run, one line per class: a line that
+    falls while the others hold is a class being forgotten. False when matplotlib is missing or
+    the curve holds no per-class accuracies."""
+    points = [(entry["step"], entry["class_accuracy"]) for entry in curve
+              if "class_accuracy" in entry]  # fmt: skip
+    pyplot = _pyplot()
+    if pyplot is None or not points:
+        return False
+    steps, rows = zip(*points)
+    figure, axes = pyplot.subplots(figsize=(6, 4))
+    colours = pyplot.get_cmap("tab20" if len(rows[0]) > 10 else "tab10").colors
+    for label, column in enumerate(zip(*rows)):
+        if None not in column:
+            axes.plot(steps, column, color=colours[label % len(colours)], label=str(label),
+                      linewidth=1)  # fmt: skip
+    axes.set(xlabel="step", ylabel="student test accuracy on the class",
+             title="the student's accuracy per class")  # fmt: skip
+    axes.grid(alpha=0.3)
+    if len(rows[0]) <= CLASS_LEGEND_MAX_CLASSES:
+        axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", title="class")
+    _save_figure(figure, path)
+    pyplot.close(figure)
+    return True
+
+
 def _grid(images: torch.Tensor, mean, std, columns: int) -> torch.Tensor:
     """(N, C, H, W) standardised images -> one (H', W', C) array in [0, 1] for imshow."""
     images = images.detach().float().cpu()
@@ -260,12 +314,14 @@ def plot_score_histograms(path: Path, scores: torch.Tensor, source_index: torch.
 
 @torch.no_grad()
 def plot(directory: Path, curve: list[dict], method: str, run, mean, std, scored=None):
-    """accuracy.png; samples.png (synthetic and, for the replay methods, replayed images; for
-    the unlabeled method, the most and least related samples); class_shares.png (data-free);
-    scores.png (unlabeled)."""
+    """accuracy.png and class_accuracy.png (with test data); samples.png (synthetic and, for
+    the replay methods, replayed images; for the unlabeled method, the most and least related
+    samples); class_shares.png (data-free); scores.png (unlabeled)."""
     written = []
     if plot_curves(directory / "accuracy.png", {method: curve}, f"{method}: student accuracy"):
         written.append("accuracy.png")
+    if plot_class_accuracy(directory / "class_accuracy.png", curve):
+        written.append("class_accuracy.png")
     if scored is not None:
         collection = run.collection
         if plot_score_histograms(directory / "scores.png", scored.scores, collection.source_index,
