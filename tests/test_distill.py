@@ -892,7 +892,8 @@ def test_class_forgetting_of_known_per_class_curves():
     assert numbers["most_forgotten_class"] == 0
     assert numbers["largest_class_drop"] == pytest.approx(0.5)
     assert robustness(curve)["largest_class_drop"] == pytest.approx(0.5)
-    learning = [{"step": 1, "class_accuracy": [0.1, 0.2]}, {"step": 2, "class_accuracy": [0.3, 0.2]}]
+    learning = [{"step": step, "class_accuracy": row} for step, row in ((1, [0.1, 0.2]),
+                                                                       (2, [0.3, 0.2]))]  # fmt: skip
     assert class_forgetting(learning) == {"class_forgetting": 0.0, "largest_class_forgetting": 0.0,
                                           "most_forgotten_class": None, "largest_class_drop": 0.0}
     assert class_forgetting(curve[:1]) == {}
