@@ -204,30 +204,47 @@ def plot_curve_bands(path: Path, groups: dict[str, list[list[dict]]], title: str
 CLASS_LEGEND_MAX_CLASSES = 20
 
 
+def _per_class_figure(curve: list[dict], key: str):
+    """For the curve entries that hold a per-class list under `key`: pyplot, a figure and its
+    axes, the steps, one tuple of values per class and one colour per class; None when
+    matplotlib is missing or no entry holds `key`."""
+    points = [(entry["step"], entry[key]) for entry in curve if key in entry]
+    pyplot = _pyplot()
+    if pyplot is None or not points:
+        return None
+    steps, rows = zip(*points)
+    per_class = list(zip(*rows))
+    figure, axes = pyplot.subplots(figsize=(6, 4))
+    palette = pyplot.get_cmap("tab20" if len(per_class) > 10 else "tab10").colors
+    colours = [palette[k % len(palette)] for k in range(len(per_class))]
+    return pyplot, figure, axes, steps, per_class, colours
+
+
+def _save_per_class_figure(pyplot, figure, axes, path: Path, classes: int, top_first: bool):
+    if classes <= CLASS_LEGEND_MAX_CLASSES:
+        handles, labels = axes.get_legend_handles_labels()
+        if top_first:
+            handles, labels = handles[::-1], labels[::-1]
+        axes.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                    fontsize="small", title="class")  # fmt: skip
+    _save_figure(figure, path)
+    pyplot.close(figure)
+
+
 def plot_class_shares(path: Path, curve: list[dict]) -> bool:
     """The teacher's predicted classes of the synthetic samples over the run, stacked: a class
     whose band thins out is one the generator has stopped making. False when matplotlib is
     missing or the curve holds no shares."""
-    points = [(entry["step"], entry["synthetic_class_shares"]) for entry in curve
-              if "synthetic_class_shares" in entry]  # fmt: skip
-    pyplot = _pyplot()
-    if pyplot is None or not points:
+    figure_parts = _per_class_figure(curve, "synthetic_class_shares")
+    if figure_parts is None:
         return False
-    steps, shares = zip(*points)
-    per_class = list(zip(*shares))
-    figure, axes = pyplot.subplots(figsize=(6, 4))
-    colours = pyplot.get_cmap("tab20" if len(per_class) > 10 else "tab10").colors
+    pyplot, figure, axes, steps, per_class, colours = figure_parts
     axes.stackplot(steps, per_class, labels=[str(k) for k in range(len(per_class))],
-                   colors=[colours[k % len(colours)] for k in range(len(per_class))])  # fmt: skip
+                   colors=colours)  # fmt: skip
     axes.margins(x=0)
     axes.set(xlabel="step", ylabel="share of the generator's samples", ylim=(0, 1),
              title="the teacher's classes of the synthetic samples")  # fmt: skip
-    if len(per_class) <= CLASS_LEGEND_MAX_CLASSES:
-        handles, labels = axes.get_legend_handles_labels()  # top band first, as stacked
-        axes.legend(handles[::-1], labels[::-1], loc="upper left", bbox_to_anchor=(1.01, 1.0),
-                    fontsize="small", title="class")  # fmt: skip
-    _save_figure(figure, path)
-    pyplot.close(figure)
+    _save_per_class_figure(pyplot, figure, axes, path, len(per_class), top_first=True)
     return True
 
 
@@ -235,25 +252,17 @@ def plot_class_accuracy(path: Path, curve: list[dict]) -> bool:
     """The student's test accuracy on each class over the run, one line per class: a line that
     falls while the others hold is a class being forgotten. False when matplotlib is missing or
     the curve holds no per-class accuracies."""
-    points = [(entry["step"], entry["class_accuracy"]) for entry in curve
-              if "class_accuracy" in entry]  # fmt: skip
-    pyplot = _pyplot()
-    if pyplot is None or not points:
+    figure_parts = _per_class_figure(curve, "class_accuracy")
+    if figure_parts is None:
         return False
-    steps, rows = zip(*points)
-    figure, axes = pyplot.subplots(figsize=(6, 4))
-    colours = pyplot.get_cmap("tab20" if len(rows[0]) > 10 else "tab10").colors
-    for label, column in enumerate(zip(*rows)):
-        if None not in column:
-            axes.plot(steps, column, color=colours[label % len(colours)], label=str(label),
-                      linewidth=1)  # fmt: skip
+    pyplot, figure, axes, steps, per_class, colours = figure_parts
+    for label, values in enumerate(per_class):
+        if None not in values:  # a class without test images
+            axes.plot(steps, values, color=colours[label], label=str(label), linewidth=1)
     axes.set(xlabel="step", ylabel="student test accuracy on the class",
              title="the student's accuracy per class")  # fmt: skip
     axes.grid(alpha=0.3)
-    if len(rows[0]) <= CLASS_LEGEND_MAX_CLASSES:
-        axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", title="class")
-    _save_figure(figure, path)
-    pyplot.close(figure)
+    _save_per_class_figure(pyplot, figure, axes, path, len(per_class), top_first=False)
     return True
 
 
