@@ -64,11 +64,11 @@ def class_forgetting(curve: list[dict]) -> dict:
     if not forgetting:
         return {}
     most_forgotten = max(forgetting, key=forgetting.get)
-    return {
-        "class_forgetting": statistics.fmean(forgetting.values()),
-        "largest_class_forgetting": forgetting[most_forgotten],
+    return {  # to the 5 digits of the class accuracies, without the subtractions' float noise
+        "class_forgetting": round(statistics.fmean(forgetting.values()), 5),
+        "largest_class_forgetting": round(forgetting[most_forgotten], 5),
         "most_forgotten_class": most_forgotten if forgetting[most_forgotten] > 0 else None,
-        "largest_class_drop": max(drops),
+        "largest_class_drop": round(max(drops), 5),
     }
 
 
