@@ -283,10 +283,9 @@ def distill_command(arguments: dict) -> int:
         print(f"the teacher's classes of the last synthetic samples: {min(shares):.1%} (class "
               f"{shares.index(min(shares))}) to {max(shares):.1%} (class "
               f"{shares.index(max(shares))}) each")  # fmt: skip
-    plots = ["accuracy.png", "class_accuracy.png" if numbers else None, "samples.png",
-             "class_shares.png" if config.data_free else "scores.png"]  # fmt: skip
-    print(f"report: {output_dir}/ (metrics.json, curve.csv, "
-          f"{', '.join(filter(None, plots))}, student.pt)")
+    files = ", ".join(["metrics.json", "curve.csv", *result.plots, "student.pt"])
+    missing = "" if result.plots else "; no plots without matplotlib: pip install matplotlib"
+    print(f"report: {output_dir}/ ({files}){missing}")
     return 0
 
 

@@ -67,6 +67,17 @@ def test_distill_runs_the_embedded_default_and_resumes_idempotently(tmp_path, ca
     assert "another config (student_lr" in capsys.readouterr().err
 
 
+def test_distill_without_matplotlib_says_so_instead_of_listing_plots(tmp_path, capsys,
+                                                                   monkeypatch):  # fmt: skip
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # its import now raises ImportError
+    output = tmp_path / "run"
+    assert main(["distill", "--method", "adversarial", "--output-dir", str(output), *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert (f"report: {output}/ (metrics.json, curve.csv, student.pt); no plots without "
+            "matplotlib: pip install matplotlib") in printed  # fmt: skip
+    assert not list(output.glob("*.png"))
+
+
 def test_sigterm_stops_distill_after_a_step_with_a_checkpoint_and_the_shells_exit_code(tmp_path):
     output = tmp_path / "run"
     command = [sys.executable, "-m", "dfkd_fast", "distill", "--output-dir", str(output),

@@ -105,6 +105,10 @@ def test_each_method_trains_the_student_and_writes_its_report(tmp_path, method):
     reloaded = small_cnn(2)
     reloaded.load_state_dict(saved["state_dict"])
     assert same_weights(reloaded, result.student)
+    assert set(result.plots) == {name for name in files if name.endswith(".png")}
+    if importlib.util.find_spec("matplotlib") is not None:
+        last = "scores.png" if method == "unlabeled" else "class_shares.png"
+        assert result.plots == ["accuracy.png", "class_accuracy.png", "samples.png", last]
 
 
 def test_the_package_itself_is_the_entry_point_the_api_names():

@@ -47,6 +47,7 @@ class DistillResult:
     metrics: dict  # what metrics.json holds: config, curve, robustness, memory, timing
     output_dir: Path | None
     curve: list[dict] = field(default_factory=list)
+    plots: list[str] = field(default_factory=list)  # the PNG files written to output_dir
 
     @property
     def final_accuracy(self) -> float:
@@ -447,11 +448,12 @@ def distill(
         run.student.load_state_dict(run.student_average.network.state_dict())
     seconds = seconds_before + time.perf_counter() - started
     metrics = write_report(config.steps, seconds, finished=True)
+    plots = []
     if directory is not None:
         atomic_torch_save(directory / STUDENT_NAME, {
             **(student_record or {}), "state_dict": run.student.state_dict(),
             "distill_config": config.to_dict(), "metrics": metrics["robustness"],
         })  # fmt: skip
-        report.plot(directory, curve, config.method, run, image_mean, image_std, scored)
+        plots = report.plot(directory, curve, config.method, run, image_mean, image_std, scored)
     return DistillResult(student=run.student.eval(), metrics=metrics, output_dir=directory,
-                         curve=curve)  # fmt: skip
+                         curve=curve, plots=plots)  # fmt: skip

@@ -325,7 +325,8 @@ def plot_score_histograms(path: Path, scores: torch.Tensor, source_index: torch.
 def plot(directory: Path, curve: list[dict], method: str, run, mean, std, scored=None):
     """accuracy.png and class_accuracy.png (with test data); samples.png (synthetic and, for
     the replay methods, replayed images; for the unlabeled method, the most and least related
-    samples); class_shares.png (data-free); scores.png (unlabeled)."""
+    samples); class_shares.png (data-free); scores.png (unlabeled). Returns the names of the
+    files written, none without matplotlib."""
     written = []
     if plot_curves(directory / "accuracy.png", {method: curve}, f"{method}: student accuracy"):
         written.append("accuracy.png")
@@ -333,17 +334,15 @@ def plot(directory: Path, curve: list[dict], method: str, run, mean, std, scored
         written.append("class_accuracy.png")
     if scored is not None:
         collection = run.collection
-        if plot_score_histograms(directory / "scores.png", scored.scores, collection.source_index,
-                                 collection.source_names, scored.score):  # fmt: skip
-            written.append("scores.png")
         order = scored.scores.argsort(descending=True)
         panels = {"most related": collection.batch(order[:32]),
                   "least related": collection.batch(order[-32:])}  # fmt: skip
         if plot_samples(directory / "samples.png", panels, mean, std):
             written.append("samples.png")
+        if plot_score_histograms(directory / "scores.png", scored.scores, collection.source_index,
+                                 collection.source_names, scored.score):  # fmt: skip
+            written.append("scores.png")
         return written
-    if plot_class_shares(directory / "class_shares.png", curve):
-        written.append("class_shares.png")
     seed = stream_seed(run.config.seed, SAMPLE_GRID_STREAM)
     rng = torch.Generator(run.device).manual_seed(seed)
     latent = sample_prior(32, run.config.latent_dim, generator=rng, device=run.device)
@@ -352,4 +351,6 @@ def plot(directory: Path, curve: list[dict], method: str, run, mean, std, scored
         panels[f"replay ({method})"] = run.replay.sample(32, rng)
     if plot_samples(directory / "samples.png", panels, mean, std):
         written.append("samples.png")
+    if plot_class_shares(directory / "class_shares.png", curve):
+        written.append("class_shares.png")
     return written
