@@ -4,7 +4,8 @@ classes: the first half of the classes for the first part of the run, the next h
 The student then sees the first classes only in the first part, so it forgets them unless it
 rehearses them. For each run: the accuracy on the first part's classes and on the others, at the
 last evaluation before the switch and at the end, and the teacher's classes of the synthetic
-samples on each side of the switch.
+samples on each side of the switch; the plot shows each method's accuracy on the first classes,
+its mean over the seeds drawn and their range shaded.
 
     python3 benchmarks/replay_under_drift.py --teacher teachers/mnist-lenet5.pt \
         --test-data ../shared/data/mnist --steps 1600 --eval-every 50 --seeds 0 1 \
@@ -27,7 +28,7 @@ import torch
 
 from dfkd_fast import cli
 from dfkd_fast.distill import steps
-from dfkd_fast.distill.report import plot_curves
+from dfkd_fast.distill.report import plot_curve_bands
 from dfkd_fast.io import atomic_write_json
 
 METHODS = ("adversarial", "pre-dfkd", "memory-bank")
@@ -157,9 +158,9 @@ def main(argv=None) -> int:
             runs.append({"method": method, "seed": seed, "output_dir": str(output),
                          "seconds": round(metrics["seconds"], 1), **numbers})  # fmt: skip
             first = numbers["first_classes"]
-            first_class_curves[f"{method}, seed {seed}"] = [
+            first_class_curves.setdefault(method, []).append([
                 {"step": entry["step"], "accuracy": mean_over(entry["class_accuracy"], first)}
-                for entry in metrics["curve"] if "class_accuracy" in entry]  # fmt: skip
+                for entry in metrics["curve"] if "class_accuracy" in entry])  # fmt: skip
             print(f"{method}, seed {seed}: classes {first} {numbers['first_classes_before']:.2%} "
                   f"at step {numbers['before_step']}, {numbers['first_classes_final']:.2%} at "
                   f"the end; the others {numbers['later_classes_before']:.2%} -> "
@@ -168,7 +169,7 @@ def main(argv=None) -> int:
         atomic_write_json(arguments.json, {"steps": arguments.steps, "phases": arguments.phases,
                                            "distill_arguments": distill_arguments, "runs": runs})
     if arguments.plot:
-        plot_curves(arguments.plot, first_class_curves,
+        plot_curve_bands(arguments.plot, first_class_curves,
                     f"accuracy on classes {runs[0]['first_classes']}, made only before step "
                     f"{runs[0]['switch_step']}")  # fmt: skip
     return 0

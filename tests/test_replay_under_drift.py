@@ -4,6 +4,7 @@ phase's classes, the summary of a run, and a short run of the script on the digi
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -84,6 +85,7 @@ def test_a_short_run_on_the_digits_default_writes_its_summary(drift, tmp_path, c
     report = tmp_path / "drift.json"
     assert drift.main(["--steps", "6", "--eval-every", "2", "--methods", "pre-dfkd",
                        "--output-root", str(tmp_path / "runs"), "--json", str(report),
+                       "--plot", str(tmp_path / "drift.png"),
                        "--batch-size", "16", "--student-steps", "1", "--quiet"]) == 0  # fmt: skip
     assert steps.STEP_FUNCTIONS["pre-dfkd"] is steps.replay_step  # restored
     saved = json.loads(report.read_text())
@@ -94,3 +96,5 @@ def test_a_short_run_on_the_digits_default_writes_its_summary(drift, tmp_path, c
     curve = json.loads((tmp_path / "runs" / "pre-dfkd-seed0" / "metrics.json").read_text())["curve"]
     assert run == {**run, **drift.summary(curve, 6, 2)}
     assert "pre-dfkd, seed 0: classes [0, 1, 2, 3, 4]" in capsys.readouterr().out
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "drift.png").read_bytes().startswith(b"\x89PNG")
