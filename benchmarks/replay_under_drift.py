@@ -97,6 +97,12 @@ def mean_over(values: list[float | None], classes: list[int]) -> float:
     return statistics.fmean(values[k] for k in classes if values[k] is not None)
 
 
+def accuracy_on(curve: list[dict], classes: list[int]) -> list[dict]:
+    """The curve of the mean accuracy over `classes`, as entries `plot_curve_bands` draws."""
+    return [{"step": entry["step"], "accuracy": mean_over(entry["class_accuracy"], classes)}
+            for entry in curve if "class_accuracy" in entry]  # fmt: skip
+
+
 def summary(curve: list[dict], total_steps: int, phases: int) -> dict:
     """Accuracy on the first phase's classes and on the rest, before the switch and at the end;
     the synthetic samples' share of the first phase's classes in the intervals around it."""
@@ -108,8 +114,8 @@ def summary(curve: list[dict], total_steps: int, phases: int) -> dict:
                   if phase_of(step, total_steps, phases) > 0)  # fmt: skip
     before = [entry for entry in evaluated if entry["step"] < switch][-1]
     end = evaluated[-1]
-    first_accuracies = [mean_over(entry["class_accuracy"], first) for entry in evaluated]
-    after = [value for entry, value in zip(evaluated, first_accuracies) if entry["step"] >= switch]
+    after = [entry["accuracy"] for entry in accuracy_on(evaluated, first)
+             if entry["step"] >= switch]  # fmt: skip
 
     def synthetic_share(entry):
         return round(sum(entry["synthetic_class_shares"][k] for k in first), 4)
@@ -158,9 +164,7 @@ def main(argv=None) -> int:
             runs.append({"method": method, "seed": seed, "output_dir": str(output),
                          "seconds": round(metrics["seconds"], 1), **numbers})  # fmt: skip
             first = numbers["first_classes"]
-            first_class_curves.setdefault(method, []).append([
-                {"step": entry["step"], "accuracy": mean_over(entry["class_accuracy"], first)}
-                for entry in metrics["curve"] if "class_accuracy" in entry])  # fmt: skip
+            first_class_curves.setdefault(method, []).append(accuracy_on(metrics["curve"], first))
             print(f"{method}, seed {seed}: classes {first} {numbers['first_classes_before']:.2%} "
                   f"at step {numbers['before_step']}, {numbers['first_classes_final']:.2%} at "
                   f"the end; the others {numbers['later_classes_before']:.2%} -> "
@@ -170,8 +174,8 @@ def main(argv=None) -> int:
                                            "distill_arguments": distill_arguments, "runs": runs})
     if arguments.plot:
         plot_curve_bands(arguments.plot, first_class_curves,
-                    f"accuracy on classes {runs[0]['first_classes']}, made only before step "
-                    f"{runs[0]['switch_step']}")  # fmt: skip
+                         f"accuracy on classes {runs[0]['first_classes']}, made only before step "
+                         f"{runs[0]['switch_step']}")  # fmt: skip
     return 0
 
 
