@@ -31,6 +31,7 @@ from dfkd_fast.distill.streams import (
 )
 from dfkd_fast.io import load_checkpoint
 from dfkd_fast.models import lenet5, small_cnn
+from dfkd_fast.models.vae import VAE
 from dfkd_fast.unlabeled import Collection, Source, noise_source
 from dfkd_fast.unlabeled.scores import score_collection
 from tests.conftest import needs_the_main_thread, requires_cuda, same_state
@@ -236,13 +237,20 @@ def kill_at_step_3(tmp_path, monkeypatch, method, name, **overrides):
             run(tmp_path, method, name, **overrides)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_a_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch, method):
-    uninterrupted = run(tmp_path, method, "uninterrupted")
-    kill_at_step_3(tmp_path, monkeypatch, method, "killed")
-    assert load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["step"] == 2
+@pytest.mark.parametrize(
+    "method, overrides",
+    [(method, {}) for method in METHODS] + [("pre-dfkd", dict(vae_snapshot_every=1))],
+    ids=[*METHODS, "pre-dfkd-vae-snapshots"],
+)  # fmt: skip
+def test_a_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch, method, overrides):
+    uninterrupted = run(tmp_path, method, "uninterrupted", **overrides)
+    kill_at_step_3(tmp_path, monkeypatch, method, "killed", **overrides)
+    checkpoint = load_checkpoint(tmp_path / "killed" / "checkpoint.pt")
+    assert checkpoint["step"] == 2
+    if overrides:
+        assert checkpoint["run"]["replay"]["snapshots"] == 1
     assert not (tmp_path / "killed" / "student.pt").exists()
-    resumed = run(tmp_path, method, "killed", resume=True)
+    resumed = run(tmp_path, method, "killed", resume=True, **overrides)
     assert same_weights(resumed.student, uninterrupted.student)
     assert resumed.curve == [
         {**entry, "seconds": resumed_entry["seconds"]}
@@ -586,6 +594,50 @@ def test_generative_replay_learns_a_fixed_batch(dtype):
     assert samples.shape == (7, *IMAGE_SHAPE) and torch.isfinite(samples).all()
 
 
+def test_generative_replay_rehearses_a_frozen_snapshot_in_a_share_that_grows():
+    """With snapshot_every=2, the updates after the 2nd and the 4th learn the fresh images
+    (the last n/2, then n/3 of them) together with decodings of a copy of the VAE taken just
+    before, which the updates in between leave unchanged."""
+    torch.manual_seed(0)
+    teacher = small_cnn(4).eval().requires_grad_(False)
+    replay = GenerativeReplay(IMAGE_SHAPE, latent_dim=4, width=4, lr=1e-2, output_weight=1.0,
+                              kl_weight=0.1, self_replay=0.5, device="cpu",
+                              snapshot_every=2)  # fmt: skip
+    single_copy = replay.memory_bytes()
+    learnt = []
+    replay.vae.register_forward_pre_hook(lambda module, inputs: learnt.append(inputs[0].clone()))
+    images = torch.randn(15, *IMAGE_SHAPE, generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(2)
+    for update, (rehearsed, copies) in enumerate([(0, 0), (8, 0), (8, 1), (8, 1), (10, 2)]):
+        expected_copy = {name: t.clone() for name, t in replay.vae.state_dict().items()}
+        state = generator.get_state()
+        replay.update(images, teacher(images), teacher, generator)
+        assert replay.snapshots == copies
+        if update in (0, 1):  # the VAE's own samples, half as many as the 15 fresh images
+            assert len(learnt[-1]) == 15 + rehearsed and torch.equal(learnt[-1][:15], images)
+            continue
+        assert len(learnt[-1]) == 15
+        torch.testing.assert_close(learnt[-1][: 15 - rehearsed], images[rehearsed:])
+        if update in (2, 4):  # the copy was taken at the start of this update
+            assert same_state(replay.snapshot.state_dict(), expected_copy)
+            snapshot = VAE(IMAGE_SHAPE, latent_dim=4, width=4).eval()
+            snapshot.load_state_dict(expected_copy)
+            with torch.no_grad():
+                decoded = snapshot.sample(rehearsed, torch.Generator().set_state(state))
+            torch.testing.assert_close(learnt[-1][15 - rehearsed :], decoded)
+        else:
+            assert same_state(replay.snapshot.state_dict(), previous_copy)
+        assert not same_weights(replay.snapshot, replay.vae)
+        assert not any(p.requires_grad for p in replay.snapshot.parameters())
+        previous_copy = {name: t.clone() for name, t in replay.snapshot.state_dict().items()}
+    assert replay.memory_bytes() == 2 * single_copy
+    restored = GenerativeReplay(IMAGE_SHAPE, latent_dim=4, width=4, lr=1e-2, output_weight=1.0,
+                                kl_weight=0.1, self_replay=0.5, device="cpu",
+                                snapshot_every=2)  # fmt: skip
+    restored.load_state_dict(replay.state_dict())
+    assert restored.snapshots == 2 and same_weights(restored.snapshot, replay.snapshot)
+
+
 def test_robustness_statistics_of_a_known_curve():
     curve = [{"step": s, "accuracy": a} for s, a in [(1, 0.5), (2, 0.9), (3, 0.8), (4, 0.85)]]
     numbers = robustness(curve)
@@ -608,7 +660,8 @@ def test_robustness_statistics_of_a_known_curve():
         (dict(max_shift=-1), ValueError), (dict(seed=-1), ValueError),
         (dict(vae_prior_decay=1.0), ValueError), (dict(vae_fitted_prior=1), TypeError),
         (dict(horizontal_flip="yes"), TypeError), (dict(generator_warmup=-1), ValueError),
-        (dict(generator_warmup=1.5), TypeError),
+        (dict(generator_warmup=1.5), TypeError), (dict(vae_snapshot_every=-1), ValueError),
+        (dict(vae_snapshot_every=2.0), TypeError),
         (dict(device="mps"), ValueError), (dict(device="cuda:x"), ValueError),
         (dict(device=0), TypeError), (dict(device=torch.device("cpu")), TypeError),
     ],

@@ -62,7 +62,8 @@ class DistillConfig:
     replay_start: float = 0.1
     # pre-dfkd's VAE: loss = pixel MSE + vae_output_weight * KD(teacher(recon), teacher(x))
     #   + vae_kl_weight * KL / pixels, on vae_batch_size of each step's synthetic images, plus
-    #   the rehearsal of its own samples (vae_self_replay of that many)
+    #   the rehearsal of its own samples (vae_self_replay of that many), or of a frozen copy's
+    #   once vae_snapshot_every > 0
     vae_batch_size: int = 128
     vae_latent_dim: int = 64
     vae_width: int = 16
@@ -70,6 +71,7 @@ class DistillConfig:
     vae_output_weight: float = 1.0
     vae_kl_weight: float = 0.1
     vae_self_replay: float = 0.5
+    vae_snapshot_every: int = 0
     vae_fitted_prior: bool = True
     vae_prior_decay: float = 0.99
     memory_bank_size: int = 10240
@@ -132,7 +134,7 @@ class DistillConfig:
             raise ValueError("top_fraction must be in (0, 1] and policy_temperature > 0")
         if self.mixup_fraction + self.cutmix_fraction > 1:
             raise ValueError("mixup_fraction + cutmix_fraction must be at most 1")
-        for name in ("generator_warmup", "max_shift", "seed"):
+        for name in ("generator_warmup", "max_shift", "seed", "vae_snapshot_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.batch_size < 2:
@@ -223,6 +225,10 @@ FIELD_HELP = {
     "vae_kl_weight": "pre-dfkd: weight of the VAE's KL term (per pixel)",
     "vae_self_replay": "pre-dfkd: the VAE's rehearsal of its own samples, as a fraction of "
                        "vae_batch_size",
+    "vae_snapshot_every": "pre-dfkd: every that many updates, the VAE rehearses a frozen copy of "
+                          "itself instead of its own samples, k/(k+1) of its batch after k "
+                          "copies, so that each part of the run keeps an equal share (deep "
+                          "generative replay; 0: off)",
     "vae_fitted_prior": "pre-dfkd: replay decodes draws of a Gaussian fitted to the VAE's "
                         "posteriors (no: of N(0, I), as in the paper)",
     "vae_prior_decay": "pre-dfkd: per-update decay of the fitted Gaussian's moving average",

@@ -126,7 +126,7 @@ class Run:
                 self.image_shape, config.vae_latent_dim, config.vae_width, config.vae_lr,
                 config.vae_output_weight, config.vae_kl_weight, config.vae_self_replay,
                 self.device, config.vae_batch_size, self.autocast, self.memory_format,
-                config.vae_fitted_prior, config.vae_prior_decay,
+                config.vae_fitted_prior, config.vae_prior_decay, config.vae_snapshot_every,
             )  # fmt: skip
         if config.method == "memory-bank":
             return MemoryBank(self.image_shape, config.memory_bank_size, self.device)

@@ -4,6 +4,9 @@
   the synthetic batches as they come (reconstruction in pixel space and in the teacher's output
   space, a small KL weight, and rehearsal of its own samples so that it does not forget either),
   and replays by decoding draws from a Gaussian fitted to its posteriors (or from its prior).
+  With `snapshot_every`, it rehearses a frozen copy of itself instead, taken every that many
+  updates, in a share that grows with the copies taken (deep generative replay, Shin et al.,
+  NeurIPS 2017), so that each part of the run keeps an equal share of what it learns.
 - :class:`MemoryBank` stores past synthetic images in a ring buffer and replays random ones, the
   baseline whose memory PRE-DFKD saves.
 
@@ -13,6 +16,7 @@ Both draw all randomness from the `torch.Generator` they are given.
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +35,12 @@ class GenerativeReplay:
     def __init__(self, image_shape, latent_dim: int, width: int, lr: float, output_weight: float,
                  kl_weight: float, self_replay: float, device, batch_size: int | None = None,
                  autocast=contextlib.nullcontext, memory_format=torch.contiguous_format,
-                 fitted_prior: bool = True, prior_decay: float = 0.99):  # fmt: skip
+                 fitted_prior: bool = True, prior_decay: float = 0.99,
+                 snapshot_every: int = 0):  # fmt: skip
         self.vae = VAE(image_shape, latent_dim, width).to(device, memory_format=memory_format)
+        self.snapshot_every = snapshot_every  # 0: rehearse the VAE's own samples
+        self.snapshot: VAE | None = None  # the frozen copy rehearsed once snapshot_every > 0
+        self.snapshots = 0
         self.fitted_prior = fitted_prior  # decode replay from the fitted Gaussian, not N(0, I)
         self.prior_decay = prior_decay  # of the fitted Gaussian's moving averages
         self.autocast = autocast  # the forward passes' autocast context (the run's)
@@ -45,11 +53,20 @@ class GenerativeReplay:
 
     def update(self, images, teacher_logits, teacher: nn.Module, generator: torch.Generator):
         """One VAE step on a batch of synthetic images and the teacher's logits on them (and on
-        the VAE's own replay of earlier ones)."""
+        the replay of earlier ones, by the VAE itself or by its frozen snapshot)."""
         images, teacher_logits = images[: self.batch_size], teacher_logits[: self.batch_size]
-        rehearsed = round(len(images) * self.self_replay) if self.updates else 0
+        if self.snapshot_every and self.updates and self.updates % self.snapshot_every == 0:
+            self._take_snapshot()
+        if self.snapshot is None:
+            rehearsed = round(len(images) * self.self_replay) if self.updates else 0
+        else:
+            # the snapshot stands for `snapshots` equal parts of the run, the fresh images for one
+            share = self.snapshots / (self.snapshots + 1)
+            rehearsed = min(round(len(images) * share), len(images) - 1)
+            images, teacher_logits = images[rehearsed:], teacher_logits[rehearsed:]
         if rehearsed:
-            old_images = self.sample(rehearsed, generator)
+            old_images = self._decode_draws(self.vae if self.snapshot is None else self.snapshot,
+                                             rehearsed, generator)
             with torch.no_grad(), self.autocast():
                 old_logits = teacher(old_images)
             images = torch.cat([images, old_images.to(images.dtype)])
@@ -68,18 +85,31 @@ class GenerativeReplay:
         self.updates += 1
         return loss.detach()
 
-    @torch.no_grad()
     def sample(self, count: int, generator: torch.Generator) -> torch.Tensor:
-        self.vae.eval()
+        return self._decode_draws(self.vae, count, generator)
+
+    @torch.no_grad()
+    def _decode_draws(self, vae: VAE, count: int, generator: torch.Generator) -> torch.Tensor:
+        vae.eval()
         with self.autocast():
-            return self.vae.sample(count, generator=generator, fitted=self.fitted_prior)
+            return vae.sample(count, generator=generator, fitted=self.fitted_prior)
+
+    def _take_snapshot(self) -> None:
+        if self.snapshot is None:
+            self.snapshot = copy.deepcopy(self.vae).eval().requires_grad_(False)
+        else:
+            self.snapshot.load_state_dict(self.vae.state_dict())
+        self.snapshots += 1
 
     def memory_bytes(self) -> int:
-        return tensor_bytes(self.vae.parameters()) + tensor_bytes(self.vae.buffers())
+        vaes = [self.vae] if self.snapshot is None else [self.vae, self.snapshot]
+        return sum(tensor_bytes(vae.parameters()) + tensor_bytes(vae.buffers()) for vae in vaes)
 
     def state_dict(self) -> dict:
+        snapshot = self.snapshot.state_dict() if self.snapshot is not None else None
         return {"vae": self.vae.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "updates": self.updates}  # fmt: skip
+                "updates": self.updates, "snapshot": snapshot,
+                "snapshots": self.snapshots}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         if "fitted_scale" not in state["vae"]:
@@ -91,6 +121,10 @@ class GenerativeReplay:
         self.vae.load_state_dict(state["vae"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.updates = int(state["updates"])
+        if state.get("snapshot") is not None:
+            self._take_snapshot()
+            self.snapshot.load_state_dict(state["snapshot"])
+        self.snapshots = int(state.get("snapshots", 0))
 
 
 class MemoryBank:
