@@ -40,7 +40,6 @@ class GenerativeReplay:
         self.vae = VAE(image_shape, latent_dim, width).to(device, memory_format=memory_format)
         self.snapshot_every = snapshot_every  # 0: rehearse the VAE's own samples
         self.snapshot: VAE | None = None  # the frozen copy rehearsed once snapshot_every > 0
-        self.snapshots = 0
         self.fitted_prior = fitted_prior  # decode replay from the fitted Gaussian, not N(0, I)
         self.prior_decay = prior_decay  # of the fitted Gaussian's moving averages
         self.autocast = autocast  # the forward passes' autocast context (the run's)
@@ -55,8 +54,6 @@ class GenerativeReplay:
         """One VAE step on a batch of synthetic images and the teacher's logits on them (and on
         the replay of earlier ones, by the VAE itself or by its frozen snapshot)."""
         images, teacher_logits = images[: self.batch_size], teacher_logits[: self.batch_size]
-        if self.snapshot_every and self.updates and self.updates % self.snapshot_every == 0:
-            self._take_snapshot()
         if self.snapshot is None:
             rehearsed = round(len(images) * self.self_replay) if self.updates else 0
         else:
@@ -83,7 +80,14 @@ class GenerativeReplay:
         loss.backward()
         self.optimizer.step()
         self.updates += 1
+        if self.snapshot_every and self.updates % self.snapshot_every == 0:
+            self._take_snapshot()
         return loss.detach()
+
+    @property
+    def snapshots(self) -> int:
+        """The copies taken so far (the snapshot is the last)."""
+        return self.updates // self.snapshot_every if self.snapshot_every else 0
 
     def sample(self, count: int, generator: torch.Generator) -> torch.Tensor:
         return self._decode_draws(self.vae, count, generator)
@@ -94,12 +98,11 @@ class GenerativeReplay:
         with self.autocast():
             return vae.sample(count, generator=generator, fitted=self.fitted_prior)
 
-    def _take_snapshot(self) -> None:
+    def _take_snapshot(self, weights: dict | None = None) -> None:
+        """Freezes a copy of the VAE, or of `weights` (a resumed run's snapshot)."""
         if self.snapshot is None:
             self.snapshot = copy.deepcopy(self.vae).eval().requires_grad_(False)
-        else:
-            self.snapshot.load_state_dict(self.vae.state_dict())
-        self.snapshots += 1
+        self.snapshot.load_state_dict(self.vae.state_dict() if weights is None else weights)
 
     def memory_bytes(self) -> int:
         vaes = [self.vae] if self.snapshot is None else [self.vae, self.snapshot]
@@ -108,8 +111,7 @@ class GenerativeReplay:
     def state_dict(self) -> dict:
         snapshot = self.snapshot.state_dict() if self.snapshot is not None else None
         return {"vae": self.vae.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "updates": self.updates, "snapshot": snapshot,
-                "snapshots": self.snapshots}  # fmt: skip
+                "updates": self.updates, "snapshot": snapshot}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         if "fitted_scale" not in state["vae"]:
@@ -122,9 +124,7 @@ class GenerativeReplay:
         self.optimizer.load_state_dict(state["optimizer"])
         self.updates = int(state["updates"])
         if state.get("snapshot") is not None:
-            self._take_snapshot()
-            self.snapshot.load_state_dict(state["snapshot"])
-        self.snapshots = int(state.get("snapshots", 0))
+            self._take_snapshot(state["snapshot"])
 
 
 class MemoryBank:
