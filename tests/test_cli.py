@@ -18,7 +18,7 @@ import torch
 
 from dfkd_fast import cli
 from dfkd_fast.cli import main
-from dfkd_fast.distill import FIELD_HELP, DistillConfig
+from dfkd_fast.distill import FIELD_HELP, DistillConfig, report
 from dfkd_fast.io import load_checkpoint
 from dfkd_fast.training import TRAIN_FIELD_HELP, TrainConfig, load_classifier
 from tests.conftest import same_state
@@ -67,11 +67,17 @@ def test_distill_runs_the_embedded_default_and_resumes_idempotently(tmp_path, ca
     assert "another config (student_lr" in capsys.readouterr().err
 
 
-def test_distill_without_matplotlib_says_so_instead_of_listing_plots(tmp_path, capsys,
+@pytest.mark.parametrize("method", ["adversarial", "pre-dfkd"])
+def test_distill_without_matplotlib_says_so_instead_of_listing_plots(method, tmp_path, capsys,
                                                                    monkeypatch):  # fmt: skip
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # its import now raises ImportError
+
+    def no_sample_grid(*args, **kwargs):
+        raise AssertionError("the sample grid's latents drawn with nothing to plot them")
+
+    monkeypatch.setattr(report, "sample_prior", no_sample_grid)
     output = tmp_path / "run"
-    assert main(["distill", "--method", "adversarial", "--output-dir", str(output), *TINY]) == 0
+    assert main(["distill", "--method", method, "--output-dir", str(output), *TINY]) == 0
     printed = capsys.readouterr().out
     assert (f"report: {output}/ (metrics.json, curve.csv, student.pt); no plots without "
             "matplotlib: pip install matplotlib") in printed  # fmt: skip

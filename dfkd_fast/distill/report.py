@@ -327,6 +327,8 @@ def plot(directory: Path, curve: list[dict], method: str, run, mean, std, scored
     the replay methods, replayed images; for the unlabeled method, the most and least related
     samples); class_shares.png (data-free); scores.png (unlabeled). Returns the names of the
     files written, none without matplotlib."""
+    if _pyplot() is None:  # nothing to draw the sample grids with, so none is computed
+        return []
     written = []
     if plot_curves(directory / "accuracy.png", {method: curve}, f"{method}: student accuracy"):
         written.append("accuracy.png")
