@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch
 from dfkd_fast.distill import preset_config
 from dfkd_fast.distill.engine import Run
 from dfkd_fast.host_memory import retain_freed_host_memory
+from dfkd_fast.machine import cpu_model
 from dfkd_fast.models import build_classifier
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -32,17 +32,6 @@ def timed(fn, device: str):
         return result
 
     return run
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def device_name(device: str) -> str:

@@ -163,7 +163,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="compare unfinished runs too, labelled with the step reached")
     compare.add_argument("--group-by", action="append", metavar="KEY",
                          help="also summarise the runs that share this config value (repeat for "
-                         "several keys; `teacher` groups by the teacher's weights), e.g. "
+                         "several keys; `teacher` groups by the teacher's weights, `machine` "
+                         "by the machine each run was made on), e.g. "
                          "--group-by method for several seeds of each "
                          "method; --json then holds the groups' summaries too, and --plot draws "
                          "each group's mean curve with the range of its runs")  # fmt: skip
@@ -296,6 +297,9 @@ def compare_command(arguments: dict) -> int:
     if not comparison.runs:
         raise UsageError("no finished run to compare (--include-unfinished compares the others)")
     print(comparison.markdown())
+    machines_note = comparison.machines_note()
+    if machines_note:
+        print(f"\n{machines_note}")
     group_by = arguments["group_by"] or ()
     summaries = comparison.group_summaries(group_by) if group_by else None
     if summaries:

@@ -14,6 +14,7 @@ from dfkd_fast.cli import main
 from dfkd_fast.distill import DistillConfig, compare_runs, distill
 from dfkd_fast.distill.compare import COLUMNS, GROUP_COLUMNS, differing_keys, spread
 from dfkd_fast.distill.report import curve_band, describe_network
+from dfkd_fast.machine import machine_description, machine_label
 from tests.test_distill import IMAGE_SHAPE, TINY, held_out, networks
 
 
@@ -129,6 +130,37 @@ def run_with_curve(runs, tmp_path, name: str, method: str, accuracies: list[floa
     metrics["seconds"] = seconds
     (folder / "metrics.json").write_text(json.dumps(metrics))
     return folder
+
+
+def test_each_run_records_its_machine_and_runs_from_several_are_told_apart(runs, tmp_path):
+    metrics = json.loads((runs / "adversarial" / "metrics.json").read_text())
+    assert metrics["machines"] == [machine_description()]
+    same = compare_runs([runs / "adversarial", runs / "memory-bank"])
+    assert same.machines_note() == ""
+    assert list(same.groups(["machine"])) == [f"machine={machine_label(machine_description())}"]
+
+    elsewhere = run_with_curve(runs, tmp_path, "elsewhere", "adversarial", [0.5, 0.9], 60.0)
+    other = {"cpu": "AMD EPYC", "cpu_capability": "AVX2", "bfloat16_flags": [], "threads": 2}
+    moved = json.loads((elsewhere / "metrics.json").read_text())
+    moved["machines"] = [other]
+    (elsewhere / "metrics.json").write_text(json.dumps(moved))
+    unrecorded = run_with_curve(runs, tmp_path, "unrecorded", "adversarial", [0.5, 0.9], 60.0)
+    old = json.loads((unrecorded / "metrics.json").read_text())
+    del old["machines"]
+    (unrecorded / "metrics.json").write_text(json.dumps(old))
+
+    comparison = compare_runs([runs / "adversarial", elsewhere])
+    note = comparison.machines_note().splitlines()
+    assert note[0].startswith("The runs were made on 2 machines")
+    assert note[1:] == [f"- adversarial: {machine_label(machine_description())}",
+                        "- elsewhere: AMD EPYC (AVX2), 2 threads"]  # fmt: skip
+    assert list(comparison.groups(["machine"]).values()) == [["adversarial"], ["elsewhere"]]
+    summary = comparison.group_summaries(["method"])["method=adversarial"]
+    assert "machine" in summary["differing_config"]
+    with pytest.raises(ValueError, match="group by machine: run unrecorded recorded no machine"):
+        compare_runs([runs / "adversarial", unrecorded]).groups(["machine"])
+    assert compare_runs([runs / "adversarial", unrecorded]).machines_note().endswith(
+        "- unrecorded: not recorded")
 
 
 def test_spread_is_mean_sample_deviation_and_range_of_the_values_given():

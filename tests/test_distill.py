@@ -258,6 +258,18 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch, method, 
     ]
 
 
+def test_a_run_resumed_on_another_machine_records_both(tmp_path, monkeypatch):
+    kill_at_step_3(tmp_path, monkeypatch, "adversarial", "killed")
+    here = engine.machine_description()
+    assert load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["machines"] == [here]
+    other = {**here, "cpu": "another CPU", "threads": here["threads"] + 1}
+    monkeypatch.setattr(engine, "machine_description", lambda: other)
+    resumed = run(tmp_path, "adversarial", "killed", resume=True)
+    assert resumed.metrics["machines"] == [here, other]
+    written = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    assert written["machines"] == [here, other]
+
+
 @pytest.mark.parametrize("method", DATA_FREE_METHODS)
 def test_the_generator_warms_up_before_the_first_step_and_not_again_on_resume(
         tmp_path, monkeypatch, method):  # fmt: skip

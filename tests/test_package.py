@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import platform
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 import dfkd_fast
-from dfkd_fast import backend
+from dfkd_fast import backend, machine
 from dfkd_fast.backend import Implementation, KernelKind, choose_implementation
 
 
@@ -160,6 +161,23 @@ def _readme_commands() -> list[str]:
 ])
 def test_bfloat16_instructions_are_read_from_the_cpu_flags(cpuinfo, expected):
     assert backend.cpu_has_bfloat16_instructions(cpuinfo) is expected
+
+
+def test_the_machine_is_described_by_its_cpu_model_features_and_threads():
+    cpuinfo = "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Gold\n"
+    assert machine.cpu_model(cpuinfo) == "Intel(R) Xeon(R) Gold"
+    assert machine.cpu_model("processor\t: 0\n") == (platform.processor() or platform.machine())
+    described = machine.machine_description()
+    assert described["torch"] == torch.__version__
+    assert described["threads"] == torch.get_num_threads()
+    assert described["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert set(described["bfloat16_flags"]) <= backend.BFLOAT16_CPU_FLAGS
+    assert json.loads(json.dumps(described)) == described  # plain data, for metrics.json
+    label = machine.machine_label({"cpu": "Xeon", "cpu_capability": "AVX512",
+                                   "bfloat16_flags": ["amx_bf16", "avx512_bf16"], "threads": 2,
+                                   "gpu": "NVIDIA H100"})  # fmt: skip
+    assert label == "Xeon (AVX512, amx_bf16 avx512_bf16), 2 threads; NVIDIA H100"
+    assert machine.machine_label({"cpu": "x86_64", "threads": 4}) == "x86_64, 4 threads"
 
 
 def test_ci_runs_the_readme_test_command():

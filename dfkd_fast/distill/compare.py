@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import platform
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 
 from dfkd_fast.distill.report import plot_curve_bands, plot_curves, robustness
 from dfkd_fast.io import atomic_write_json
+from dfkd_fast.machine import machine_description, machine_label
 
 COLUMNS = ("final", "best", "mean", "variance", "final - best", "class forgetting, mean / largest",
            "first step at 95%", "replay memory", "wall time", "student img/s",
@@ -27,6 +26,8 @@ GROUP_COLUMNS = ("runs", "final", "best", "mean", "final - best", "largest drop"
                  "wall time")  # fmt: skip
 FORGETTING_KEYS = ("class_forgetting", "largest_class_forgetting")
 REQUIRED_KEYS = frozenset({"config", "curve", "finished", "step"})
+# grouping keys that are not config values: older runs did not record them
+RECORDED_KEYS = frozenset({"teacher", "machine"})
 
 
 @dataclasses.dataclass
@@ -40,6 +41,17 @@ class Comparison:
     def markdown(self) -> str:
         return _markdown_table("run", COLUMNS, self.rows())
 
+    def machines_note(self) -> str:
+        """Each run's machine, when the runs were not all made on the same one (their times
+        then compare only within a machine); empty when they were."""
+        machines = {label: run_machine(metrics) for label, metrics in self.runs.items()}
+        if len(set(machines.values())) < 2:
+            return ""
+        lines = [f"The runs were made on {len(set(machines.values()))} machines (or recorded "
+                 "none): their wall times and images per second compare only within one."]
+        lines += [f"- {label}: {machine or 'not recorded'}" for label, machine in machines.items()]
+        return "\n".join(lines)
+
     def groups(self, keys: Sequence[str]) -> dict[str, list[str]]:
         """The runs' labels by their values of ``keys`` (see :func:`grouping_values`:
         "method=pre-dfkd"), groups in the order of their first run; ValueError naming a key that
@@ -50,9 +62,9 @@ class Comparison:
         for label, metrics in self.runs.items():
             values = grouping_values(metrics)
             missing = [key for key in keys if key not in values]
-            if missing == ["teacher"]:
-                raise ValueError(f"group by teacher: run {label} recorded no teacher (made "
-                                 "before runs recorded theirs)")  # fmt: skip
+            if missing and set(missing) <= RECORDED_KEYS:
+                raise ValueError(f"group by {missing[0]}: run {label} recorded no {missing[0]} "
+                                 "(made before runs recorded theirs)")  # fmt: skip
             if missing:
                 raise ValueError(f"group by {', '.join(missing)}: not in the config of run {label}")
             name = ", ".join(f"{key}={values[key]}" for key in keys)
@@ -107,15 +119,6 @@ class Comparison:
             return plot_curve_bands(path, groups, title)
         curves = {label: metrics["curve"] for label, metrics in self.runs.items()}
         return plot_curves(path, curves, title)
-
-
-def machine_description() -> dict:
-    description = {"python": platform.python_version(), "torch": torch.__version__,
-                   "cpu": platform.processor() or platform.machine(),
-                   "threads": torch.get_num_threads()}  # fmt: skip
-    if torch.cuda.is_available():
-        description["gpu"] = torch.cuda.get_device_name()
-    return description
 
 
 def read_metrics(folder: Path) -> dict:
@@ -179,13 +182,25 @@ def summary_row(label: str, metrics: dict) -> list[str]:
     ]
 
 
+def run_machine(metrics: dict) -> str | None:
+    """The machine a run was made on, one line (machines joined by "then" for a run resumed
+    on another); None for runs made before runs recorded theirs."""
+    machines = metrics.get("machines")
+    if not isinstance(machines, list) or not machines:
+        return None
+    return " then ".join(machine_label(machine) for machine in machines)
+
+
 def grouping_values(metrics: dict) -> dict:
-    """What runs can be grouped by: the config's values and, for runs that recorded their
-    teacher, ``teacher`` (its class and the start of its weights' SHA-256)."""
+    """What runs can be grouped by: the config's values and, for runs that recorded them,
+    ``teacher`` (its class and the start of its weights' SHA-256) and ``machine``."""
     values = dict(metrics["config"])
     teacher = metrics.get("teacher")
     if isinstance(teacher, dict) and "weights_sha256" in teacher:
         values["teacher"] = f"{teacher.get('class', '?')}:{teacher['weights_sha256'][:12]}"
+    machine = run_machine(metrics)
+    if machine is not None:
+        values["machine"] = machine
     return values
 
 

@@ -30,6 +30,7 @@ from dfkd_fast.distill.steps import STEP_FUNCTIONS, generator_step
 from dfkd_fast.distill.streams import REPLAY_STREAM, SAMPLER_STREAM, stream_seed
 from dfkd_fast.hooks import BNStatHooks, PenultimateFeatures, batchnorm_layers
 from dfkd_fast.io import atomic_torch_save, ensure_writable_dir, load_checkpoint
+from dfkd_fast.machine import machine_description
 from dfkd_fast.models.generator import Generator, check_image_shape
 from dfkd_fast.stopping import RunStopped, deferred_stop_signals
 from dfkd_fast.training import accuracy, correct_per_class
@@ -371,6 +372,7 @@ def distill(
     curve: list[dict] = []
     interval_losses: list[dict] = []  # the losses of the steps since the last evaluation
     first_step, seconds_before, eval_seconds = 1, 0.0, 0.0
+    machines = []  # each machine the run has run on, in order: a resumed run may move
     if checkpoint is not None:
         run.load_state_dict(checkpoint["run"])
         curve = list(checkpoint["curve"])
@@ -379,6 +381,10 @@ def distill(
         first_step = int(checkpoint["step"]) + 1
         seconds_before = float(checkpoint["seconds"])
         eval_seconds = float(checkpoint["eval_seconds"])
+        machines = list(checkpoint.get("machines", []))
+    this_machine = machine_description()
+    if not machines or machines[-1] != this_machine:
+        machines.append(this_machine)
 
     def evaluate(step: int, losses: list[dict], seconds: float) -> dict:
         entry = {"step": step, "seconds": round(seconds, 3)}
@@ -403,6 +409,7 @@ def distill(
         metrics = report.metrics(config, curve, run.replay_memory_bytes(), seconds,
                                  seconds - eval_seconds, step, finished)  # fmt: skip
         metrics["teacher"] = teacher_description
+        metrics["machines"] = machines
         if not config.data_free:
             metrics["drawn_fraction_per_source"] = run.drawn_fractions()
         if directory is not None:
@@ -413,7 +420,7 @@ def distill(
         # the checkpoint's step includes its evaluation, if any, so a resumed run repeats nothing
         atomic_torch_save(directory / CHECKPOINT_NAME, {
             "config": config.to_dict(), "run": run.state_dict(), "curve": curve,
-            "interval_losses": interval_losses, "step": step,
+            "interval_losses": interval_losses, "step": step, "machines": machines,
             "seconds": seconds_before + time.perf_counter() - started, "eval_seconds": eval_seconds,
         })  # fmt: skip
 
