@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from dfkd_fast import _extension
 from dfkd_fast.backend import Implementation, KernelKind, choose_implementation
-from dfkd_fast.ops._checks import check_layer_tensors
+from dfkd_fast.ops._checks import autocast_enabled, check_layer_tensors
 
 __all__ = ["few_channel_conv2d", "few_channel_conv2d_reference", "NARROW_CHANNELS"]
 
@@ -200,18 +200,8 @@ torch.library.register_autograd(
 )
 
 
-def _autocast_enabled(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4 has no device argument
-        return device_type == "cpu" and torch.is_autocast_cpu_enabled()
-
-
 def _check_inputs(x, weight, bias) -> None:
     check_layer_tensors(x, weight, bias)
-    for name, tensor in (("weight", weight), ("bias", bias)):
-        if tensor is not None and tensor.dtype != x.dtype and not _autocast_enabled(x.device.type):
-            raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {tensor.dtype}")
     if x.dim() != 4:
         raise ValueError(f"x must have shape (N, C, H, W), got {tuple(x.shape)}")
     if weight.dim() != 4 or weight.shape[1] != x.shape[1] or 0 in weight.shape:
@@ -259,7 +249,7 @@ def few_channel_conv2d(
         not narrow
         or x.device.type != "cpu"
         or x.dtype != torch.float32
-        or _autocast_enabled("cpu")  # which casts as it casts conv2d
+        or autocast_enabled("cpu")  # which casts as it casts conv2d
         or choose_implementation(KERNEL_OP_NAME, KernelKind.EXTENSION, x.device, x.dtype)
         is not Implementation.EXTENSION
     ):
