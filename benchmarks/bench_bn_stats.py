@@ -21,7 +21,8 @@ from dfkd_fast.hooks import batchnorm_layers
 from dfkd_fast.models import cifar_resnet, cifar_resnet34
 from harness import describe, peak_memory_bytes, timed
 
-LAYER_SHAPES = [(256, 64, 32, 32), (256, 128, 16, 16), (256, 256, 8, 8), (256, 512, 4, 4)]
+LAYER_SHAPES = [(256, 16, 32, 32), (256, 64, 32, 32), (256, 128, 16, 16), (256, 256, 8, 8),
+                (256, 512, 4, 4)]  # ResNet-56 stage 1 (16 channels), then ResNet-34 widths
 DTYPES = [torch.float32, torch.bfloat16]
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 TEACHERS = {"resnet34": cifar_resnet34, "resnet56": lambda: cifar_resnet(56)}

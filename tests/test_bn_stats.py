@@ -13,7 +13,8 @@ from .paths import CUDA_AVAILABLE, INTERPRETER, path_fixture
 from .tolerances import BN_GRAD, BN_LOSS, BN_OUTPUT, BN_STATS
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# (shape, channels_last): odd channel counts, H * W of 1, 7 x 7 and 32 x 32, BatchNorm1d shapes.
+# (shape, channels_last): odd channel counts, H * W of 1, 7 x 7 and 32 x 32, BatchNorm1d shapes;
+# in channels_last, rows that do not fill the kernel's last block of 256 or its last run of rows.
 SHAPES = [
     ((16, 3), False),
     ((6, 17, 9), False),
@@ -23,6 +24,8 @@ SHAPES = [
     ((3, 512, 4, 4), True),
     ((2, 3, 32, 32), False),
     ((2, 3, 32, 32), True),
+    ((3, 5, 11, 13), True),
+    ((4, 16, 9, 9), True),
 ]
 
 
@@ -92,7 +95,7 @@ def test_loss_statistics_and_gradient(path, shape, channels_last, dtype, momentu
     assert xk.grad.dtype == dtype and xk.grad.stride() == x.stride()
 
 
-@pytest.mark.parametrize("shape,channels_last", SHAPES[3:6], ids=str)
+@pytest.mark.parametrize("shape,channels_last", SHAPES[3:6] + SHAPES[-2:-1], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_batch_norm_with_stat_loss_is_one_read_of_both(path, shape, channels_last, dtype):
     x = make_activation(shape, channels_last, dtype, path.device)

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -32,15 +33,21 @@ constexpr int64_t kGrainElements = 1 << 16;
 struct Layout {
   int64_t N, C, S;
   int64_t stride_n, stride_c, stride_s;
+  int64_t run;  // values per run of a channel-minor block (see values_per_run); C if channel-major
 };
 
+bool is_channel_major(const Layout& layout) { return layout.stride_c != 1 || layout.C == 1; }
+
+// The kernels' per-channel vectors hold one value per position of a run: position j, channel
+// j % C (channel-major: one per channel).
 struct ForwardArgs {
   Layout x;
   const void* data;
   void* y;  // same strides as x, or null
   const float* scale;
   const float* shift;
-  double* sums;  // channel-major: (C, 2); channel-minor: (blocks, C, 2)
+  const float* first_row;  // channel-minor: x's first row, the shift K of the sums
+  double* sums;            // channel-major: (C, 2); channel-minor: (blocks, C, 2)
 };
 
 struct BackwardArgs {
@@ -96,6 +103,13 @@ DFKD_ALWAYS_INLINE void forward_channel(const ForwardArgs& a, int64_t c) {
   a.sums[2 * c + 1] = squares;
 }
 
+// The values of a channel-minor block: [begin, end) of the flattened tensor.
+std::pair<int64_t, int64_t> block_values(const Layout& x, int64_t block) {
+  const int64_t first_row = block * kRowsPerBlock;
+  const int64_t last_row = std::min(x.N * x.S, first_row + kRowsPerBlock);
+  return {first_row * x.C, last_row * x.C};
+}
+
 // Channel-minor: one block of rows (n, s) per task, C contiguous values per row (row r at r * C),
 // summed per channel in double. The restrict pointers let GCC vectorise across the channels.
 template <typename scalar_t, bool kWriteY>
@@ -136,6 +150,56 @@ DFKD_ALWAYS_INLINE void forward_rows(const ForwardArgs& a, int64_t block) {
   }
 }
 
+// Sums `count` values of a run per position, and writes their y.
+template <typename scalar_t, bool kWriteY>
+DFKD_ALWAYS_INLINE void forward_run(const scalar_t* __restrict__ values, scalar_t* __restrict__ y,
+                                    int64_t count, const float* __restrict__ k,
+                                    const float* __restrict__ scale,
+                                    const float* __restrict__ shift, double* __restrict__ sum,
+                                    double* __restrict__ squares) {
+  for (int64_t j = 0; j < count; ++j) {
+    const double d = static_cast<double>(static_cast<float>(values[j]) - k[j]);
+    sum[j] += d;
+    squares[j] += d * d;
+  }
+  if (kWriteY) {  // a second loop over the run, still in cache: both loops vectorise
+    for (int64_t j = 0; j < count; ++j) {
+      y[j] = cpu::rounded<scalar_t>(static_cast<float>(values[j]) * scale[j] + shift[j]);
+    }
+  }
+}
+
+// Channel-minor rows narrower than a vector: one block of rows per task, summed per position of
+// a run in double, then per channel in position order.
+template <typename scalar_t, bool kWriteY>
+DFKD_ALWAYS_INLINE void forward_runs(const ForwardArgs& a, int64_t block) {
+  const scalar_t* __restrict__ data = static_cast<const scalar_t*>(a.data);
+  scalar_t* __restrict__ y = static_cast<scalar_t*>(a.y);
+  const float* __restrict__ k = a.first_row;
+  const float* __restrict__ scale = a.scale;
+  const float* __restrict__ shift = a.shift;
+  const int64_t C = a.x.C, run = a.x.run;
+  std::vector<double> sum_values(run, 0.0), square_values(run, 0.0);
+  double* __restrict__ sum = sum_values.data();
+  double* __restrict__ squares = square_values.data();
+  const auto [begin, end] = block_values(a.x, block);
+  int64_t start = begin;
+  for (; start + run <= end; start += run) {
+    forward_run<scalar_t, kWriteY>(data + start, kWriteY ? y + start : nullptr, run, k, scale,
+                                   shift, sum, squares);
+  }
+  if (start < end) {  // the block's last rows, fewer than a run: position j is channel j % C
+    forward_run<scalar_t, kWriteY>(data + start, kWriteY ? y + start : nullptr, end - start, k,
+                                   scale, shift, sum, squares);
+  }
+  double* sums = a.sums + block * C * 2;
+  std::fill(sums, sums + 2 * C, 0.0);
+  for (int64_t j = 0; j < run; ++j) {
+    sums[2 * (j % C)] += sum[j];
+    sums[2 * (j % C) + 1] += squares[j];
+  }
+}
+
 template <typename scalar_t>
 DFKD_ALWAYS_INLINE void backward_channel(const BackwardArgs& a, int64_t c) {
   const auto* data = static_cast<const scalar_t*>(a.data);
@@ -154,6 +218,24 @@ DFKD_ALWAYS_INLINE void backward_channel(const BackwardArgs& a, int64_t c) {
       }
       grad_x[offset + s] = cpu::rounded<scalar_t>(grad);
     }
+  }
+}
+
+// The gradient of `count` values of a run.
+template <typename scalar_t, bool kHasGradY>
+DFKD_ALWAYS_INLINE void backward_run(const scalar_t* __restrict__ data,
+                                     const scalar_t* __restrict__ grad_y,
+                                     scalar_t* __restrict__ grad_x, int64_t count,
+                                     const float* __restrict__ scale,
+                                     const float* __restrict__ mean,
+                                     const float* __restrict__ coefficient_mean,
+                                     const float* __restrict__ coefficient_var) {
+  for (int64_t j = 0; j < count; ++j) {
+    float grad = coefficient_mean[j] + coefficient_var[j] * (static_cast<float>(data[j]) - mean[j]);
+    if (kHasGradY) {
+      grad += static_cast<float>(grad_y[j]) * scale[j];
+    }
+    grad_x[j] = cpu::rounded<scalar_t>(grad);
   }
 }
 
@@ -182,18 +264,52 @@ DFKD_ALWAYS_INLINE void backward_rows_for(const BackwardArgs& a, int64_t block) 
   }
 }
 
+template <typename scalar_t, bool kHasGradY>
+DFKD_ALWAYS_INLINE void backward_runs_for(const BackwardArgs& a, int64_t block) {
+  const scalar_t* __restrict__ data = static_cast<const scalar_t*>(a.data);
+  const scalar_t* __restrict__ grad_y = static_cast<const scalar_t*>(a.grad_y);
+  scalar_t* __restrict__ grad_x = static_cast<scalar_t*>(a.grad_x);
+  const float* __restrict__ scale = a.scale;
+  const float* __restrict__ mean = a.mean;
+  const float* __restrict__ coefficient_mean = a.coefficient_mean;
+  const float* __restrict__ coefficient_var = a.coefficient_var;
+  const int64_t run = a.x.run;
+  const auto [begin, end] = block_values(a.x, block);
+  int64_t start = begin;
+  for (; start + run <= end; start += run) {
+    backward_run<scalar_t, kHasGradY>(data + start, kHasGradY ? grad_y + start : nullptr,
+                                      grad_x + start, run, scale, mean, coefficient_mean,
+                                      coefficient_var);
+  }
+  if (start < end) {
+    backward_run<scalar_t, kHasGradY>(data + start, kHasGradY ? grad_y + start : nullptr,
+                                      grad_x + start, end - start, scale, mean, coefficient_mean,
+                                      coefficient_var);
+  }
+}
+
 template <typename scalar_t>
 DFKD_ALWAYS_INLINE void backward_rows(const BackwardArgs& a, int64_t block) {
-  a.grad_y != nullptr ? backward_rows_for<scalar_t, true>(a, block)
-                      : backward_rows_for<scalar_t, false>(a, block);
+  if (a.x.run == a.x.C) {
+    a.grad_y != nullptr ? backward_rows_for<scalar_t, true>(a, block)
+                        : backward_rows_for<scalar_t, false>(a, block);
+  } else {
+    a.grad_y != nullptr ? backward_runs_for<scalar_t, true>(a, block)
+                        : backward_runs_for<scalar_t, false>(a, block);
+  }
 }
 
 template <typename scalar_t, bool kWriteY>
 DFKD_ALWAYS_INLINE void forward_tasks_for(const ForwardArgs& a, int64_t begin, int64_t end) {
-  const bool channel_major = a.x.stride_c != 1 || a.x.C == 1;
+  const bool channel_major = is_channel_major(a.x);
   for (int64_t task = begin; task < end; ++task) {
-    channel_major ? forward_channel<scalar_t, kWriteY>(a, task)
-                  : forward_rows<scalar_t, kWriteY>(a, task);
+    if (channel_major) {
+      forward_channel<scalar_t, kWriteY>(a, task);
+    } else if (a.x.run == a.x.C) {
+      forward_rows<scalar_t, kWriteY>(a, task);
+    } else {
+      forward_runs<scalar_t, kWriteY>(a, task);
+    }
   }
 }
 
@@ -205,7 +321,7 @@ DFKD_ALWAYS_INLINE void forward_tasks(const ForwardArgs& a, int64_t begin, int64
 
 template <typename scalar_t>
 DFKD_ALWAYS_INLINE void backward_tasks(const BackwardArgs& a, int64_t begin, int64_t end) {
-  const bool channel_major = a.x.stride_c != 1 || a.x.C == 1;
+  const bool channel_major = is_channel_major(a.x);
   for (int64_t task = begin; task < end; ++task) {
     channel_major ? backward_channel<scalar_t>(a, task) : backward_rows<scalar_t>(a, task);
   }
@@ -218,6 +334,28 @@ DFKD_DTYPE_CLONES(backward_kernels, BackwardArgs, backward_tasks)
 // Torch side
 // ---------------------------------------------------------------------------------------------
 
+// Channel-minor rows narrower than a 64-byte vector are read in runs of whole rows that fill one,
+// so that the loops over a run vectorise however few channels a row has (a loop over one row of
+// 16 bfloat16 channels is shorter than GCC's vector loop, which then never runs). The rows of a
+// run are contiguous, and its value j is of channel j % C. Wider rows are read row by row.
+int64_t values_per_run(const Layout& layout, int64_t element_size) {
+  constexpr int64_t kVectorBytes = 64;
+  int64_t rows = 1;
+  while (!is_channel_major(layout) && rows * layout.C * element_size < kVectorBytes &&
+         rows < kRowsPerBlock) {
+    rows *= 2;  // a power of two, so that a full block is whole runs
+  }
+  return rows * layout.C;
+}
+
+// A per-channel vector (float32, C) as the kernels read it: one value per position of a run.
+at::Tensor per_position(const at::Tensor& per_channel, const Layout& layout) {
+  if (!per_channel.defined() || layout.run == layout.C) {
+    return per_channel;
+  }
+  return per_channel.repeat({layout.run / layout.C}).contiguous();
+}
+
 // x as (N, C, S) in a layout the kernels handle: channel-major with contiguous S, or
 // channel-minor with contiguous C (channels_last, (N, C)); anything else is made contiguous.
 std::pair<at::Tensor, Layout> prepare(const at::Tensor& x) {
@@ -229,12 +367,13 @@ std::pair<at::Tensor, Layout> prepare(const at::Tensor& x) {
                     x.sizes());
   auto layout_of = [&](const at::Tensor& t) -> std::optional<Layout> {
     const at::Tensor ncs = t.dim() == 2 ? t.unsqueeze(-1) : t.view({N, C, -1});
-    const Layout layout{N, C, S, ncs.stride(0), ncs.stride(1), ncs.stride(2)};
+    Layout layout{N, C, S, ncs.stride(0), ncs.stride(1), ncs.stride(2), C};
     const bool channel_major = layout.stride_s == 1 || S == 1;
     const bool channel_minor = layout.stride_c == 1 && (S == 1 || layout.stride_s == C) &&
                                layout.stride_n == S * C;
     if (channel_minor || (channel_major && layout.stride_c != 1) ||
         (channel_major && C == 1)) {
+      layout.run = values_per_run(layout, t.element_size());
       return layout;
     }
     return std::nullopt;
@@ -263,8 +402,8 @@ at::Tensor channel_vector(const std::optional<at::Tensor>& value, int64_t C, con
 }
 
 int64_t tasks_for(const Layout& layout) {
-  const bool channel_major = layout.stride_c != 1 || layout.C == 1;
-  return channel_major ? layout.C : (layout.N * layout.S + kRowsPerBlock - 1) / kRowsPerBlock;
+  return is_channel_major(layout) ? layout.C
+                                  : (layout.N * layout.S + kRowsPerBlock - 1) / kRowsPerBlock;
 }
 
 int64_t grain_for(const Layout& layout) {
@@ -293,13 +432,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_stat_l
   const auto float_options = x.options().dtype(at::kFloat);
   at::Tensor y = scale.defined() ? at::empty_like(x) : at::empty({0}, x.options());
   const int64_t tasks = tasks_for(layout);
-  const bool channel_major = layout.stride_c != 1 || C == 1;
+  const bool channel_major = is_channel_major(layout);
   at::Tensor sums = at::empty({channel_major ? C : tasks * C, 2}, x.options().dtype(at::kDouble));
+  const at::Tensor first_row = x.view({layout.N, C, -1}).select(0, 0).select(1, 0).to(at::kFloat);
+  const at::Tensor scale_per_position = per_position(scale, layout);
+  const at::Tensor shift_per_position = per_position(shift, layout);
+  const at::Tensor first_row_per_position = per_position(first_row.contiguous(), layout);
   const ForwardArgs args{layout,
                          x.data_ptr(),
                          scale.defined() ? y.data_ptr() : nullptr,
-                         scale.defined() ? scale.data_ptr<float>() : nullptr,
-                         scale.defined() ? shift.data_ptr<float>() : nullptr,
+                         scale.defined() ? scale_per_position.data_ptr<float>() : nullptr,
+                         scale.defined() ? shift_per_position.data_ptr<float>() : nullptr,
+                         first_row_per_position.data_ptr<float>(),
                          sums.data_ptr<double>()};
   run_tasks(args, cpu::dtype_index(x, "x"), tasks, grain_for(layout), forward_kernels);
 
@@ -308,8 +452,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_stat_l
   const double count = static_cast<double>(layout.N * layout.S);
   const at::Tensor shifted_mean = totals.select(1, 0) / count;
   const at::Tensor var64 = (totals.select(1, 1) / count - shifted_mean * shifted_mean).clamp_min(0);
-  at::Tensor k = x.view({layout.N, C, -1}).select(0, 0).select(1, 0).to(at::kDouble);
-  const at::Tensor mean = (shifted_mean + k).to(at::kFloat);
+  const at::Tensor mean = (shifted_mean + first_row.to(at::kDouble)).to(at::kFloat);
   const at::Tensor var = var64.to(at::kFloat);
 
   at::Tensor loss = at::empty({0}, float_options), norms = at::empty({0}, float_options);
@@ -364,9 +507,10 @@ at::Tensor bn_stat_loss_backward_cpu(
     g_mean = g_mean + g * live[0] * (blended_mean - running_mean) / safe_norms[0];
     g_var = g_var + g * live[1] * (blended_var - running_var) / safe_norms[1];
   }
-  const at::Tensor coefficient_mean = (g_mean / count).contiguous();
-  const at::Tensor coefficient_var = (g_var * (2.0 / count)).contiguous();
-  const at::Tensor scale = channel_vector(scale_in, C, "scale");
+  const at::Tensor coefficient_mean = per_position((g_mean / count).contiguous(), layout);
+  const at::Tensor coefficient_var = per_position((g_var * (2.0 / count)).contiguous(), layout);
+  const at::Tensor mean_per_position = per_position(mean32, layout);
+  const at::Tensor scale = per_position(channel_vector(scale_in, C, "scale"), layout);
   at::Tensor grad_y;
   if (grad_y_in.has_value()) {
     TORCH_CHECK_VALUE(scale.defined() && grad_y_in->sizes() == x.sizes(),
@@ -383,7 +527,7 @@ at::Tensor bn_stat_loss_backward_cpu(
                           grad_y.defined() ? grad_y.data_ptr() : nullptr,
                           grad_x.data_ptr(),
                           scale.defined() ? scale.data_ptr<float>() : nullptr,
-                          mean32.data_ptr<float>(),
+                          mean_per_position.data_ptr<float>(),
                           coefficient_mean.data_ptr<float>(),
                           coefficient_var.data_ptr<float>()};
   run_tasks(args, cpu::dtype_index(x, "x"), tasks_for(layout), grain_for(layout),
