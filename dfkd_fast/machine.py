@@ -26,10 +26,11 @@ def cpu_model(cpuinfo: str | None = None) -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_description() -> dict:
+def machine_description(device: str | torch.device | None = None) -> dict:
     """Python and torch versions, the CPU's model, the instruction set PyTorch's CPU kernels use
-    (AVX2, AVX512, ...), the CPU's bfloat16 flags, the thread count, and the GPU if there is one.
-    Plain data, so that it can go into JSON and checkpoints."""
+    (AVX2, AVX512, ...), the CPU's bfloat16 flags, the thread count, and the GPU's name when
+    `device` is a CUDA device (asking for it starts CUDA, which a CPU run should not). Plain data,
+    so that it can go into JSON and checkpoints."""
     description = {
         "python": platform.python_version(),
         "torch": str(torch.__version__),  # a str subclass that weights_only loading refuses
@@ -38,8 +39,8 @@ def machine_description() -> dict:
         "bfloat16_flags": sorted(cpu_flags() & BFLOAT16_CPU_FLAGS),
         "threads": torch.get_num_threads(),
     }
-    if torch.cuda.is_available():
-        description["gpu"] = torch.cuda.get_device_name()
+    if device is not None and torch.device(device).type == "cuda":
+        description["gpu"] = torch.cuda.get_device_name(device)
     return description
 
 

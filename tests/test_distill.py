@@ -260,10 +260,11 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch, method, 
 
 def test_a_run_resumed_on_another_machine_records_both(tmp_path, monkeypatch):
     kill_at_step_3(tmp_path, monkeypatch, "adversarial", "killed")
-    here = engine.machine_description()
+    here = engine.machine_description("cpu")
+    assert "gpu" not in here  # a CPU run does not start CUDA to name a GPU
     assert load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["machines"] == [here]
     other = {**here, "cpu": "another CPU", "threads": here["threads"] + 1}
-    monkeypatch.setattr(engine, "machine_description", lambda: other)
+    monkeypatch.setattr(engine, "machine_description", lambda device: other)
     resumed = run(tmp_path, "adversarial", "killed", resume=True)
     assert resumed.metrics["machines"] == [here, other]
     written = json.loads((tmp_path / "killed" / "metrics.json").read_text())

@@ -173,6 +173,7 @@ def test_the_machine_is_described_by_its_cpu_model_features_and_threads():
     assert described["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert set(described["bfloat16_flags"]) <= backend.BFLOAT16_CPU_FLAGS
     assert json.loads(json.dumps(described)) == described  # plain data, for metrics.json
+    assert "gpu" not in machine.machine_description("cpu")  # naming a GPU would start CUDA
     label = machine.machine_label({"cpu": "Xeon", "cpu_capability": "AVX512",
                                    "bfloat16_flags": ["amx_bf16", "avx512_bf16"], "threads": 2,
                                    "gpu": "NVIDIA H100"})  # fmt: skip

@@ -13,7 +13,6 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-
 from dfkd_fast.distill.report import plot_curve_bands, plot_curves, robustness
 from dfkd_fast.io import atomic_write_json
 from dfkd_fast.machine import machine_description, machine_label
@@ -47,8 +46,10 @@ class Comparison:
         machines = {label: run_machine(metrics) for label, metrics in self.runs.items()}
         if len(set(machines.values())) < 2:
             return ""
-        lines = [f"The runs were made on {len(set(machines.values()))} machines (or recorded "
-                 "none): their wall times and images per second compare only within one."]
+        recorded = len(set(machines.values()) - {None})
+        unrecorded = " (and some runs recorded none)" if None in machines.values() else ""
+        lines = [f"The runs come from {recorded} machine{'s' if recorded != 1 else ''}"
+                 f"{unrecorded}: wall times and images per second compare only within one."]
         lines += [f"- {label}: {machine or 'not recorded'}" for label, machine in machines.items()]
         return "\n".join(lines)
 

@@ -382,7 +382,7 @@ def distill(
         seconds_before = float(checkpoint["seconds"])
         eval_seconds = float(checkpoint["eval_seconds"])
         machines = list(checkpoint.get("machines", []))
-    this_machine = machine_description()
+    this_machine = machine_description(run.device)
     if not machines or machines[-1] != this_machine:
         machines.append(this_machine)
 
