@@ -137,15 +137,20 @@ def choose_implementation(
 BFLOAT16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})  # x86 AVX512 / AMX, Arm
 
 
+def read_cpuinfo() -> str:
+    """The text of /proc/cpuinfo; empty where there is none (not Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as file:
+            return file.read()
+    except OSError:
+        return ""
+
+
 def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
     """The CPU's feature flags from /proc/cpuinfo (or the text given): x86's "flags", Arm's
     "Features"; empty where there are none to read (not Linux)."""
     if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as file:
-                cpuinfo = file.read()
-        except OSError:
-            return frozenset()
+        cpuinfo = read_cpuinfo()
     flags: set[str] = set()
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")

@@ -8,17 +8,13 @@ import platform
 
 import torch
 
-from dfkd_fast.backend import BFLOAT16_CPU_FLAGS, cpu_flags
+from dfkd_fast.backend import BFLOAT16_CPU_FLAGS, cpu_flags, read_cpuinfo
 
 
 def cpu_model(cpuinfo: str | None = None) -> str:
     """The CPU's model name from /proc/cpuinfo (or the text given), else what `platform` says."""
     if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as file:
-                cpuinfo = file.read()
-        except OSError:
-            cpuinfo = ""
+        cpuinfo = read_cpuinfo()
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
         if key.strip() == "model name" and value.strip():
@@ -31,12 +27,13 @@ def machine_description(device: str | torch.device | None = None) -> dict:
     (AVX2, AVX512, ...), the CPU's bfloat16 flags, the thread count, and the GPU's name when
     `device` is a CUDA device (asking for it starts CUDA, which a CPU run should not). Plain data,
     so that it can go into JSON and checkpoints."""
+    cpuinfo = read_cpuinfo()
     description = {
         "python": platform.python_version(),
         "torch": str(torch.__version__),  # a str subclass that weights_only loading refuses
-        "cpu": cpu_model(),
+        "cpu": cpu_model(cpuinfo),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "bfloat16_flags": sorted(cpu_flags() & BFLOAT16_CPU_FLAGS),
+        "bfloat16_flags": sorted(cpu_flags(cpuinfo) & BFLOAT16_CPU_FLAGS),
         "threads": torch.get_num_threads(),
     }
     if device is not None and torch.device(device).type == "cuda":

@@ -44,10 +44,11 @@ class Comparison:
         """Each run's machine, when the runs were not all made on the same one (their times
         then compare only within a machine); empty when they were."""
         machines = {label: run_machine(metrics) for label, metrics in self.runs.items()}
-        if len(set(machines.values())) < 2:
+        distinct = set(machines.values())
+        if len(distinct) < 2:
             return ""
-        recorded = len(set(machines.values()) - {None})
-        unrecorded = " (and some runs recorded none)" if None in machines.values() else ""
+        recorded = len(distinct - {None})
+        unrecorded = " (and some runs recorded none)" if None in distinct else ""
         lines = [f"The runs come from {recorded} machine{'s' if recorded != 1 else ''}"
                  f"{unrecorded}: wall times and images per second compare only within one."]
         lines += [f"- {label}: {machine or 'not recorded'}" for label, machine in machines.items()]
